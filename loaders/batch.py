@@ -1,0 +1,68 @@
+"""The one batch layout every backend yields.
+
+``Batch.views`` is a list of ``V`` tensors, each ``[B, 3, H, W]``. Backends emit ``uint8``
+(values 0..255, RGB); the augmentation engine turns them into normalised ``float32`` on the
+device. ``index`` is the sample's global id in the mixture (``Mixture.offsets[source] +
+sample index within its source``), ``source`` says which source it came from and ``label``
+is its class (``-1`` when unknown, e.g. generated images). All three are ``int64 [B]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import List
+
+import torch
+
+__all__ = ["Batch"]
+
+
+@dataclass
+class Batch:
+    views: List[torch.Tensor]
+    index: torch.Tensor
+    source: torch.Tensor
+    label: torch.Tensor
+    #: samples of this batch that were skipped by ``on_error: skip`` (counted, not returned)
+    skipped: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.views, (list, tuple)) or not self.views:
+            raise ValueError("Batch.views must be a non-empty list of [B,3,H,W] tensors")
+        self.views = list(self.views)
+        n = self.index.shape[0]
+        for name in ("source", "label"):
+            if getattr(self, name).shape[0] != n:
+                raise ValueError(f"Batch.{name} has {getattr(self, name).shape[0]} rows, index has {n}")
+        for v in self.views:
+            if v.dim() != 4 or v.shape[0] != n or v.shape[1] != 3:
+                raise ValueError(f"Batch view of shape {tuple(v.shape)}; expected [{n},3,H,W]")
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.views[0].device
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """Move every tensor to ``device`` (uint8 travels; floats are made there)."""
+        return replace(
+            self,
+            views=[v.to(device, non_blocking=non_blocking) for v in self.views],
+            index=self.index.to(device, non_blocking=non_blocking),
+            source=self.source.to(device, non_blocking=non_blocking),
+            label=self.label.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> "Batch":
+        return replace(
+            self,
+            views=[v.pin_memory() for v in self.views],
+            index=self.index.pin_memory(),
+            source=self.source.pin_memory(),
+            label=self.label.pin_memory(),
+        )
+
+    def with_views(self, views: List[torch.Tensor]) -> "Batch":
+        return replace(self, views=list(views))

@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+# torch/torchvision are pinned to the releases whose wheels this project's machines carry;
+# `make setup` installs them first so pip never downloads another build.
+install_requires = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "numpy>=1.24",
+    "pillow>=10",
+    "pyyaml>=6",
+    "tqdm>=4.60",
+    "accelerate>=1.0",
+    "matplotlib>=3.7",
+    "tensorboard>=2.14",
+]
+
+extras = {
+    "dali": ["nvidia-dali-cuda130"],
+    "ffcv": ["ffcv", "opencv-python-headless"],
+    "wds": ["webdataset>=0.2"],
+    "vit": ["timm>=1.0"],
+    "bench": ["kornia>=0.7"],
+    "dev": ["pytest>=8", "pytest-timeout", "scipy>=1.10", "webdataset>=0.2", "timm>=1.0"],
+}
+extras["all"] = sorted({p for v in extras.values() for p in v})
+
+setup(
+    name="fastssl",
+    version="0.1.0",
+    description="Self-supervised visual pretraining built around a fast, exact data path",
+    packages=find_packages(include=["fastssl", "fastssl.*", "loaders", "loaders.*"]),
+    python_requires=">=3.10",
+    install_requires=install_requires,
+    extras_require=extras,
+    entry_points={"console_scripts": ["fastssl=fastssl.cli:main"]},
+)
