@@ -28,7 +28,7 @@ setup(
     name="fastssl",
     version="0.1.0",
     description="Self-supervised visual pretraining built around a fast, exact data path",
-    packages=find_packages(include=["fastssl", "fastssl.*", "loaders", "loaders.*"]),
+    packages=find_packages(include=["fastssl", "fastssl.*", "loaders", "loaders.*", "benchmarks"]),
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras,
