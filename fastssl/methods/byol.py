@@ -1,0 +1,51 @@
+"""BYOL (Grill et al. 2020): online projector + predictor regress a momentum target."""
+from __future__ import annotations
+
+import torch
+
+from fastssl.losses import byol_loss
+from fastssl.methods import register_method
+from fastssl.methods.base import Method, MethodOutput, momentum_copy
+from fastssl.models.heads import prediction_mlp, projection_mlp
+
+
+@register_method("byol")
+class BYOL(Method):
+    """BYOL.
+
+    Args:
+        proj_hidden_dim, proj_output_dim: projector 4096 → 256 (BN, ReLU);
+        pred_hidden_dim: predictor 256 → 4096 → 256; tau_base/tau_final: EMA 0.99 → 1.0
+        (all REFERENCE §1).
+
+    Loss: ``byol(p1, z2') + byol(p2, z1')`` with ``byol = mean(2 - 2 cos)`` and ``z'`` the
+    momentum encoder's projections.
+    """
+
+    defaults = {
+        # REFERENCE §1: LARS, lr 1.0 @512, wd 1e-5
+        "optimizer": "lars", "lr": 0.5, "weight_decay": 1e-5, "eta": 0.02, "clip": True,
+        "exclude_bias_norm": True, "classifier_lr": 0.05,
+        "proj_hidden_dim": 4096, "proj_output_dim": 256, "pred_hidden_dim": 4096,
+        "tau_base": 0.99, "tau_final": 1.0,
+    }
+
+    def __init__(self, *, backbone, feat_dim, proj_hidden_dim: int = 4096, proj_output_dim: int = 256,
+                 pred_hidden_dim: int = 4096, tau_base: float = 0.99, tau_final: float = 1.0):
+        super().__init__(backbone=backbone, feat_dim=feat_dim)
+        self.projector = projection_mlp(feat_dim, proj_hidden_dim, proj_output_dim, hidden_bn=True)
+        self.predictor = prediction_mlp(proj_output_dim, pred_hidden_dim)
+        self.momentum_backbone = momentum_copy(self.backbone)
+        self.momentum_projector = momentum_copy(self.projector)
+        self.momentum_pairs = [(self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)]
+        self.tau_base, self.tau_final, self.tau = tau_base, tau_final, tau_base
+
+    def forward(self, views: list[torch.Tensor]) -> MethodOutput:
+        self.check_views(views)
+        h1, h2 = self.backbone(views[0]), self.backbone(views[1])
+        p1, p2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
+        with torch.no_grad():
+            t1 = self.momentum_projector(self.momentum_backbone(views[0]))
+            t2 = self.momentum_projector(self.momentum_backbone(views[1]))
+        loss = byol_loss(p1, t2) + byol_loss(p2, t1)
+        return MethodOutput(loss=loss, features=h1.detach(), logs={"byol": loss.detach(), "tau": self.tau})

@@ -1,0 +1,70 @@
+"""DINO (Caron et al. 2021): self-distillation from a momentum teacher with multi-crop."""
+from __future__ import annotations
+
+import torch
+
+from fastssl.losses import DINOLoss
+from fastssl.methods import register_method
+from fastssl.methods.base import Method, MethodOutput, encode_views, momentum_copy
+from fastssl.models.heads import DINOHead
+
+
+@register_method("dino")
+class DINO(Method):
+    """DINO. Views: the first ``n_global`` are global crops (teacher and student), the rest
+    local crops (student only).
+
+    Args:
+        out_dim: 65536 prototypes; hidden_dim / bottleneck_dim: 2048 / 256; norm_last_layer: True.
+        student_temp: 0.1; teacher_temp: 0.04 → 0.07 over ``teacher_temp_warmup`` of training
+            (``warmup_teacher_temp`` → ``teacher_temp``); center_momentum: 0.9.
+        tau_base/tau_final: teacher EMA 0.996 → 1.0 (cosine).
+
+    Set ``method.progress`` (step / total) before ``forward`` for the teacher-temperature
+    schedule; :meth:`update_momentum` does it.
+    """
+
+    num_views = None
+    defaults = {
+        # paper (ViT-S/16): AdamW lr 5e-4 per 256, wd 0.04 (rising to 0.4), final lr 1e-6, clip 3.0
+        "optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04, "final_lr": 1e-6, "grad_clip": 3.0,
+        "exclude_bias_norm": True, "classifier_lr": 0.05,
+        "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "norm_last_layer": True,
+        "n_global": 2, "student_temp": 0.1, "teacher_temp": 0.07, "warmup_teacher_temp": 0.04,
+        "teacher_temp_warmup": 0.1, "center_momentum": 0.9, "tau_base": 0.996, "tau_final": 1.0,
+    }
+
+    def __init__(self, *, backbone, feat_dim, out_dim: int = 65536, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, norm_last_layer: bool = True, n_global: int = 2,
+                 student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
+                 teacher_temp_warmup: float = 0.1, center_momentum: float = 0.9, tau_base: float = 0.996,
+                 tau_final: float = 1.0):
+        super().__init__(backbone=backbone, feat_dim=feat_dim)
+        self.n_global = n_global
+        self.head = DINOHead(feat_dim, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
+                             norm_last_layer=norm_last_layer)
+        self.teacher_backbone = momentum_copy(self.backbone)
+        self.teacher_head = momentum_copy(self.head)
+        self.momentum_pairs = [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
+        self.tau_base, self.tau_final, self.tau = tau_base, tau_final, tau_base
+        self.criterion = DINOLoss(out_dim, n_global=n_global, student_temp=student_temp,
+                                  teacher_temp=teacher_temp, warmup_teacher_temp=warmup_teacher_temp,
+                                  teacher_temp_warmup=teacher_temp_warmup, center_momentum=center_momentum)
+        self.progress = 0.0
+
+    def update_momentum(self, progress: float) -> float:
+        self.progress = progress
+        return super().update_momentum(progress)
+
+    def forward(self, views: list[torch.Tensor]) -> MethodOutput:
+        self.check_views(views)
+        if len(views) <= self.n_global:
+            raise ValueError(f"DINO needs more than n_global={self.n_global} views, got {len(views)}")
+        feats = encode_views(self.backbone, views)
+        student = self.head(torch.cat(feats, dim=0))  # [V*B, out_dim]
+        with torch.no_grad():
+            teacher = self.teacher_head(torch.cat(encode_views(self.teacher_backbone, views[:self.n_global]), 0))
+        loss = self.criterion(student, teacher, progress=self.progress)
+        return MethodOutput(loss=loss, features=feats[0].detach(),
+                            logs={"dino": loss.detach(), "tau": self.tau,
+                                  "teacher_temp": self.criterion.teacher_temperature(self.progress)})
