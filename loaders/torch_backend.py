@@ -1,0 +1,293 @@
+"""The torch backend: DataLoader workers that read, decode, crop and collate whole batches.
+
+Each worker builds complete batches (``IterableDataset`` + ``DataLoader(batch_size=None)``):
+worker ``k`` of ``K`` makes the rank's batches ``b = k, k+K, k+2K, ...`` in order, and the
+DataLoader's round-robin over workers hands them out as ``0, 1, 2, ...``: the same order and the
+same pixels for any number of workers (``num_workers=0`` runs in-process).
+
+Per-sample work in a worker is kept to the minimum the device cannot do: read, decode, one
+random-resized-crop + resize per view (PIL's ``resize(box=...)`` crops and resamples in one
+call with torchvision's filters), written into a preallocated ``uint8`` batch. Crop boxes of a
+whole batch come from :func:`loaders.crop.rrc_params` with a ``numpy`` Generator seeded by
+``(seed, rank, rank-stream position of the batch)``, so a resumed run draws the same crops.
+Flip, colour, blur, ... are done batched on the device by the augmentation engine.
+"""
+from __future__ import annotations
+
+import io
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import Source, decode_image
+from .batch import Batch
+from .crop import CropSpec, rrc_params
+from .errors import DataError, SampleError
+from .mixture import Mixture, Plan
+
+__all__ = ["TorchLoader", "BatchMaker"]
+
+_ON_ERROR = ("raise", "skip")
+_M64 = (1 << 64) - 1
+
+
+def _pil_resample(name: str):
+    return {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+            "nearest": Image.Resampling.NEAREST}[name]
+
+
+def _open(data: Union[bytes, np.ndarray], *, where: str, index: int):
+    """Decoded sample as a uint8 HWC array (array sources) or an RGB PIL image (encoded bytes).
+
+    Speed: encoded images stay PIL images (no ``Image -> ndarray -> Image`` round trip before
+    the crop); arrays are validated by :func:`decode_image` and converted to PIL only if a
+    resample is needed. Raises :class:`SampleError` naming ``where`` for corrupt data.
+    """
+    if isinstance(data, np.ndarray):
+        return decode_image(data, path=where, index=index)
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        return im
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise SampleError(f"{where}: sample {index} cannot be decoded ({type(e).__name__}: {e})",
+                          path=where, index=index) from e
+
+
+def _size(img) -> tuple:
+    """(height, width) of an array or PIL image."""
+    if isinstance(img, np.ndarray):
+        return img.shape[0], img.shape[1]
+    return img.size[1], img.size[0]
+
+
+def _as_pil(img):
+    if isinstance(img, np.ndarray):
+        return Image.fromarray(img)
+    return img
+
+
+def _hwc_to_batch(out: np.ndarray) -> torch.Tensor:
+    # one batched HWC->CHW copy is cheaper than B strided per-sample copies
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+class BatchMaker:
+    """Builds the rank's batch ``b`` (counted from the plan's cursor) as a uint8 :class:`Batch`.
+
+    Picklable (sources open files lazily), so DataLoader workers get their own copy. Also
+    usable on its own, in-process: ``BatchMaker(...)(b)``.
+    """
+
+    def __init__(self, sources: Sequence[Source], plan: Plan, *, crops: Optional[Sequence[CropSpec]] = None,
+                 resize: Optional[int] = None, seed: int = 0, on_error: str = "raise"):
+        self.sources = list(sources)
+        self.plan = plan
+        self.crops = list(crops) if crops else None
+        self.resize = resize
+        self.seed = int(seed)
+        self.on_error = on_error
+
+    def __call__(self, b: int) -> Batch:
+        src, smp, gid = self.plan.batch(b)
+        first_item = int(self.plan.samples + b * self.plan.batch_size)
+        images, keep, labels = [], [], []
+        for i in range(len(src)):
+            s, j = int(src[i]), int(smp[i])
+            source = self.sources[s]
+            try:
+                data, label = source.read(j)
+                img = _open(data, where=source.describe(j), index=j)
+            except SampleError:
+                if self.on_error == "raise":
+                    raise
+                continue  # counted below: skipped = planned - kept
+            images.append(img)
+            keep.append(i)
+            labels.append(label)
+        keep = np.asarray(keep, dtype=np.int64)
+        skipped = len(src) - len(keep)
+        if self.crops is not None:
+            rng = np.random.default_rng([self.seed & _M64, self.plan.rank, first_item])
+            views = self._crop_views(images, rng)
+        else:
+            views = [self._resize_view(images, src[keep], smp[keep])]
+        return Batch(views=views, index=torch.from_numpy(gid[keep]), source=torch.from_numpy(src[keep]),
+                     label=torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)), skipped=skipped)
+
+    def _crop_views(self, images: List, rng: np.random.Generator) -> List[torch.Tensor]:
+        n = len(images)
+        hw = np.asarray([_size(im) for im in images], dtype=np.int64).reshape(n, 2)
+        views = []
+        for spec in self.crops:
+            boxes = rrc_params(rng, hw[:, 0], hw[:, 1], scale=spec.scale, ratio=spec.ratio)
+            S = spec.size
+            resample = _pil_resample(spec.interpolation)
+            out = np.empty((n, S, S, 3), np.uint8)  # preallocated; filled in place
+            for i in range(n):
+                top, left, h, w = boxes[i].tolist()
+                img = images[i]
+                # crop, then resize (torchvision's resized_crop exactly; PIL's resize(box=) would
+                # let the filter read pixels outside the box). Arrays are sliced before the PIL
+                # conversion, so only the crop is converted.
+                if isinstance(img, np.ndarray):
+                    crop = img[top:top + h, left:left + w]
+                    if h == S and w == S:
+                        out[i] = crop  # no resample needed: exact copy
+                        continue
+                    crop = Image.fromarray(np.ascontiguousarray(crop))
+                else:
+                    crop = img.crop((left, top, left + w, top + h))
+                out[i] = np.asarray(crop.resize((S, S), resample))
+            views.append(_hwc_to_batch(out))
+        return views
+
+    def _resize_view(self, images: List, src: np.ndarray, smp: np.ndarray) -> torch.Tensor:
+        n = len(images)
+        if self.resize is not None:
+            S = (int(self.resize), int(self.resize))
+        elif n:
+            S = _size(images[0])
+        else:
+            raise DataError("every sample of a batch was skipped and no resize is set: the view size is unknown")
+        out = np.empty((n, S[0], S[1], 3), np.uint8)
+        resample = _pil_resample("bilinear")
+        for i in range(n):
+            img = images[i]
+            hw = _size(img)
+            if hw == S:
+                out[i] = np.asarray(img)
+            elif self.resize is None:
+                s, j = int(src[i]), int(smp[i])
+                raise DataError(f"{self.sources[s].describe(j)} is {hw[0]}x{hw[1]} but the batch's first image is "
+                                f"{S[0]}x{S[1]}: set a resize (data.image_size) or crops")
+            else:
+                out[i] = np.asarray(_as_pil(img).resize((S[1], S[0]), resample))
+        return _hwc_to_batch(out)
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Worker ``k`` of ``K`` yields batches ``k, k+K, ...`` (< ``num_batches``; forever if None)."""
+
+    def __init__(self, maker: BatchMaker, num_batches: Optional[int]):
+        super().__init__()
+        self.maker = maker
+        self.num_batches = num_batches
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        b, step = (0, 1) if info is None else (info.id, info.num_workers)
+        while self.num_batches is None or b < self.num_batches:
+            yield self.maker(b)
+            b += step
+
+
+class TorchLoader:
+    """Iterate uint8 :class:`Batch` es of one rank's plan with DataLoader workers.
+
+    Args:
+        sources: one :class:`Source` per mixture source, in the mixture's order.
+        mixture: the sample order.
+        batch_size: samples per batch on this rank.
+        crops: one :class:`CropSpec` per output view (random-resized-crop while decoding);
+            ``None``: one view, resized to ``resize`` (or as-is if all images share a size).
+        resize: output side when ``crops`` is None.
+        rank, world_size: this process's slice of the stream.
+        num_workers: DataLoader workers (0 = in-process).
+        seed: seed of the crop parameters.
+        on_error: ``"raise"`` (a :class:`SampleError` naming the sample reaches the caller) or
+            ``"skip"`` (the sample is dropped from its batch and counted in ``skipped``).
+        pin_memory, prefetch_factor: passed to the DataLoader.
+        drop_last: drop a final partial batch of a finite plan.
+
+    ``len(loader)`` is the number of batches left. ``state_dict()`` taken between batches
+    resumes (``load_state_dict`` before iterating) at exactly the next sample.
+    """
+
+    def __init__(self, sources: Sequence[Source], mixture: Mixture, *, batch_size: int,
+                 crops: Optional[Sequence[CropSpec]] = None, resize: Optional[int] = None, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 2, seed: int = 0, on_error: str = "raise",
+                 pin_memory: bool = False, prefetch_factor: int = 2, drop_last: bool = True):
+        sources = list(sources)
+        if len(sources) != mixture.num_sources:
+            raise ValueError(f"{len(sources)} sources for a mixture of {mixture.num_sources}")
+        for s, (src, n) in enumerate(zip(sources, mixture.sizes.tolist())):
+            if len(src) != n:
+                raise ValueError(f"source '{mixture.names[s]}' has {len(src)} samples but the mixture expects {n}")
+        if on_error not in _ON_ERROR:
+            raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        if crops is not None:
+            crops = list(crops)
+            if not crops or not all(isinstance(c, CropSpec) for c in crops):
+                raise ValueError(f"crops must be a non-empty list of CropSpec, got {crops!r}")
+        if resize is not None and (not isinstance(resize, int) or resize <= 0):
+            raise ValueError(f"resize must be a positive integer or None, got {resize!r}")
+        self.sources = sources
+        self.mixture = mixture
+        self.crops = crops
+        self.resize = resize
+        self.seed = seed
+        self.on_error = on_error
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self._plan = Plan(mixture, batch_size=batch_size, rank=rank, world_size=world_size, drop_last=drop_last)
+        #: samples skipped under on_error="skip", in the batches handed out so far
+        self.skipped = 0
+        self._iterating = False
+
+    @property
+    def batch_size(self) -> int:
+        return self._plan.batch_size
+
+    @property
+    def plan(self) -> Plan:
+        return self._plan
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def __iter__(self):
+        plan = self._plan.copy()  # frozen cursor for the workers; self._plan counts handed-out batches
+        maker = BatchMaker(self.sources, plan, crops=self.crops, resize=self.resize, seed=self.seed,
+                           on_error=self.on_error)
+        stream = _BatchStream(maker, plan.num_batches)
+        if self.num_workers == 0:
+            it = iter(stream)
+        else:
+            dl = torch.utils.data.DataLoader(
+                stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch_factor, persistent_workers=False)
+            it = iter(dl)
+        self._iterating = True
+        try:
+            for batch in it:
+                if self.num_workers == 0 and self.pin_memory:
+                    batch = batch.pin_memory()
+                self._plan.advance(1)
+                self.skipped += batch.skipped
+                yield batch
+        finally:
+            self._iterating = False
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def state_dict(self) -> Dict[str, object]:
+        """The plan cursor after the batches handed out so far, plus the skipped count."""
+        return {"plan": self._plan.state_dict(), "skipped": int(self.skipped)}
+
+    def load_state_dict(self, sd: Dict[str, object]) -> None:
+        """Resume at the next sample (call before iterating)."""
+        if self._iterating:
+            raise RuntimeError("load_state_dict() while iterating: call it before the for-loop")
+        if "plan" not in sd:
+            raise ValueError(f"loader state_dict lacks 'plan'; got keys {sorted(sd)}")
+        self._plan.load_state_dict(sd["plan"])
+        self.skipped = int(sd.get("skipped", 0))

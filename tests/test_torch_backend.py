@@ -1,0 +1,185 @@
+"""The torch backend: torchvision-exact crops, worker-count-independent order, exact resume, errors."""
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from loaders.base import ArraySource, Source
+from loaders.crop import CropSpec, rrc_params
+from loaders.errors import DataError, SampleError
+from loaders.mixture import Mixture, Plan
+from loaders.torch_backend import BatchMaker, TorchLoader
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class BytesSource(Source):
+    """PNG bytes of varying sizes held in memory; indices in ``corrupt`` hold garbage bytes."""
+
+    type_name = "mem"
+
+    def __init__(self, n: int, *, seed: int = 0, corrupt=(), name: str = "png"):
+        rng = np.random.default_rng(seed)
+        self.arrays = [rng.integers(0, 256, (int(rng.integers(10, 24)), int(rng.integers(10, 24)), 3),
+                                    dtype=np.uint8) for _ in range(n)]
+        self.data = [b"\x89PNG not really" if i in corrupt else _png(a) for i, a in enumerate(self.arrays)]
+        self.name = name
+
+    def __len__(self):
+        return len(self.data)
+
+    def read(self, i):
+        return self.data[self._check_index(i)], 100 + i
+
+    def labels(self):
+        return 100 + np.arange(len(self))
+
+    def describe(self, i):
+        return f"mem://{self.name}/img{i}.png"
+
+
+def _array_source(n=40, h=16, w=20, seed=1):
+    rng = np.random.default_rng(seed)
+    return ArraySource(rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8), labels=np.arange(n) % 10, name="arr")
+
+
+CROPS = [CropSpec(12, scale=(0.08, 1.0)), CropSpec(8, scale=(0.2, 1.0), interpolation="bicubic")]
+_INTERP = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC}
+
+
+def test_crops_match_torchvision_resized_crop():
+    sources = [_array_source(), BytesSource(30)]
+    mix = Mixture([40, 30], dups=[1, 2], seed=3)
+    plan = Plan(mix, batch_size=10, rank=1, world_size=2)
+    plan.advance(2)  # the crop seed uses the absolute rank-stream position
+    maker = BatchMaker(sources, plan, crops=CROPS, seed=5)
+    for b in range(2):
+        batch = maker(b)
+        src, smp, gid = plan.batch(b)
+        assert torch.equal(batch.index, torch.from_numpy(gid)) and torch.equal(batch.source, torch.from_numpy(src))
+        pils = [Image.fromarray(sources[s].decode(j)[0]) for s, j in zip(src.tolist(), smp.tolist())]
+        labels = [sources[s].read(j)[1] for s, j in zip(src.tolist(), smp.tolist())]
+        assert batch.label.tolist() == labels
+        rng = np.random.default_rng([5, 1, plan.samples + b * 10])
+        H = [p.size[1] for p in pils]
+        W = [p.size[0] for p in pils]
+        for spec, view in zip(CROPS, batch.views):
+            assert view.dtype == torch.uint8 and view.shape == (10, 3, spec.size, spec.size)
+            boxes = rrc_params(rng, H, W, scale=spec.scale, ratio=spec.ratio)
+            for i, (t, l, h, w) in enumerate(boxes.tolist()):
+                ref = TF.pil_to_tensor(TF.resized_crop(pils[i], t, l, h, w, [spec.size, spec.size],
+                                                       interpolation=_INTERP[spec.interpolation]))
+                assert torch.equal(view[i], ref), (b, i)
+
+
+def test_resize_and_as_is_views():
+    arr = _array_source(n=12)
+    mix = Mixture([12], seed=0)
+    maker = BatchMaker([arr], Plan(mix, batch_size=6), resize=None)
+    batch = maker(0)
+    ids = batch.index.numpy()
+    assert torch.equal(batch.views[0], torch.from_numpy(arr.images[ids]).permute(0, 3, 1, 2))
+    maker = BatchMaker([arr], Plan(mix, batch_size=6), resize=8)
+    view = maker(1).views[0]
+    ids = maker(1).index.numpy()
+    ref = np.stack([np.asarray(Image.fromarray(arr.images[i]).resize((8, 8), Image.Resampling.BILINEAR))
+                    for i in ids])
+    assert torch.equal(view, torch.from_numpy(ref).permute(0, 3, 1, 2))
+    mixed = BatchMaker([BytesSource(8)], Plan(Mixture([8]), batch_size=8), resize=None)
+    with pytest.raises(DataError, match=r"mem://png/img\d+\.png is \d+x\d+.*image_size"):
+        mixed(0)
+
+
+def _collect(loader, limit=None):
+    out = []
+    for k, batch in enumerate(loader):
+        out.append(batch)
+        if limit is not None and k + 1 == limit:
+            break
+    return out
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.index, y.index) and torch.equal(x.label, y.label)
+        assert all(torch.equal(u, v) for u, v in zip(x.views, y.views))
+
+
+@pytest.mark.timeout(120)
+def test_order_pixels_and_resume_independent_of_workers():
+    sources = [_array_source(), BytesSource(30, seed=2)]
+    mix = Mixture([40, 30], dups=[2, 1], budget=200, seed=11)
+
+    def make(workers):
+        return TorchLoader(sources, mix, batch_size=16, crops=CROPS, num_workers=workers, seed=4)
+
+    ref_loader = make(0)
+    assert len(ref_loader) == 12
+    ref = _collect(ref_loader)
+    assert len(ref) == 12 and len(ref_loader) == 0
+    ids = torch.cat([b.index for b in ref]).numpy()
+    src, smp = mix.positions(0, 192)
+    assert np.array_equal(ids, mix.global_ids(src, smp))
+
+    _same(_collect(make(2)), ref)
+    for workers, k in [(0, 5), (1, 3), (2, 7)]:
+        first = make(workers)
+        head = _collect(first, limit=k)
+        sd = first.state_dict()
+        assert sd["plan"]["samples"] == 16 * k and len(first) == 12 - k
+        resumed = make(workers)
+        resumed.load_state_dict(sd)
+        assert len(resumed) == 12 - k
+        _same(head + _collect(resumed), ref)
+
+
+@pytest.mark.timeout(120)
+def test_on_error_skip_counts_corrupt_samples():
+    corrupt = {3, 7, 21}
+    sources = [_array_source(n=20), BytesSource(25, corrupt=corrupt)]
+    mix = Mixture([20, 25], seed=2, budget=45)
+    loader = TorchLoader(sources, mix, batch_size=9, crops=CROPS[:1], num_workers=2, on_error="skip")
+    batches = _collect(loader)
+    src, smp = mix.positions(0, 45)
+    bad = (src == 1) & np.isin(smp, list(corrupt))
+    assert loader.skipped == bad.sum() == 3
+    assert [b.skipped for b in batches] == bad.reshape(5, 9).sum(1).tolist()
+    assert [len(b) for b in batches] == (9 - bad.reshape(5, 9).sum(1)).tolist()
+    kept = torch.cat([b.index for b in batches]).numpy()
+    assert np.array_equal(kept, mix.global_ids(src, smp)[~bad])
+    assert loader.state_dict()["skipped"] == 3
+
+
+@pytest.mark.timeout(60)
+def test_on_error_raise_names_the_sample_without_hanging():
+    sources = [BytesSource(12, corrupt={5})]
+    loader = TorchLoader(sources, Mixture([12], budget=12), batch_size=4, crops=CROPS, num_workers=2)
+    with pytest.raises(SampleError, match=r"mem://png/img5\.png: sample 5 cannot be decoded"):
+        _collect(loader)
+    with pytest.raises(SampleError, match=r"img5\.png"):
+        _collect(TorchLoader(sources, Mixture([12], budget=12), batch_size=4, crops=CROPS, num_workers=0))
+
+
+def test_infinite_stream_and_bad_arguments():
+    arr = _array_source(n=10)
+    loader = TorchLoader([arr], Mixture([10]), batch_size=4, num_workers=0)
+    with pytest.raises(TypeError, match="infinite"):
+        len(loader)
+    got = _collect(loader, limit=6)  # 24 samples of a 10-sample source: runs past epochs
+    assert sorted(torch.cat([b.index for b in got[:5]])[:20].tolist()) == sorted(list(range(10)) * 2)
+    assert loader.state_dict()["plan"]["samples"] == 24
+    with pytest.raises(ValueError, match="'source0' has 10 samples but the mixture expects 11"):
+        TorchLoader([arr], Mixture([11]), batch_size=4)
+    with pytest.raises(ValueError, match="on_error"):
+        TorchLoader([arr], Mixture([10]), batch_size=4, on_error="ignore")
+    other = TorchLoader([arr], Mixture([10], seed=1), batch_size=4)
+    with pytest.raises(ValueError, match="another mixture"):
+        other.load_state_dict(loader.state_dict())
