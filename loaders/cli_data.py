@@ -1,0 +1,255 @@
+"""``fastssl data ...``: convert sources to shards or ``.npz``, write the synthetic set, inspect.
+
+Sub-commands (each handler takes the parsed ``argparse.Namespace`` and returns an exit code;
+data and config errors print their message and return 2):
+
+- ``shards``    any source -> WebDataset shards with index
+- ``npz``       image folder (or any source) -> uncompressed RGB ``.npz``
+- ``synthetic`` the synthetic set -> shards, ``.npz`` or an image folder
+- ``info``      length, label histogram and first sample locations of any source
+
+A source is given as ``--source type=folder,root=DIR`` (``key=value`` pairs; ints, floats,
+true/false/null are converted) or as a YAML file holding one source mapping. Other parts add
+commands with :func:`register_data_command` (e.g. ``beton`` by the FFCV backend) before
+:func:`add_subcommands` runs. Standalone: ``python -m loaders.cli_data ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from .base import Source, build_source
+from .errors import ConfigError, DataError
+
+__all__ = ["register_data_command", "add_subcommands", "parse_source_spec", "load_source", "main",
+           "DATA_COMMANDS"]
+
+AddArgs = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+
+#: name -> (help, add_args_fn, run_fn)
+DATA_COMMANDS: "OrderedDict[str, tuple]" = OrderedDict()
+
+
+def register_data_command(name: str, add_args_fn: AddArgs, run_fn: Run, *, help: str = "") -> None:
+    """Add ``fastssl data NAME``: ``add_args_fn(parser)`` declares its arguments, ``run_fn(args)``
+    runs it and returns an exit code. Must run before :func:`add_subcommands`."""
+    if name in DATA_COMMANDS:
+        raise ValueError(f"data command '{name}' registered twice")
+    DATA_COMMANDS[name] = (help, add_args_fn, run_fn)
+
+
+def _guarded(run_fn: Run) -> Run:
+    """Turn data/config/file errors into a message on stderr and exit code 2."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(run_fn(args) or 0)
+        except (DataError, ConfigError, ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    run.__name__ = getattr(run_fn, "__name__", "run")
+    return run
+
+
+def add_subcommands(subparsers) -> argparse.ArgumentParser:
+    """Add the ``data`` command and its sub-commands to an ``argparse`` subparsers object.
+
+    Each leaf parser gets ``func`` (call ``args.func(args)`` to run it; returns the exit code).
+    """
+    p = subparsers.add_parser("data", help="convert, generate and inspect data sources",
+                              description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="data_command", metavar="COMMAND")
+    sub.required = True
+    for name, (help_, add_args, run_fn) in DATA_COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        add_args(sp)
+        sp.set_defaults(func=_guarded(run_fn))
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# source specs
+# --------------------------------------------------------------------------------------------
+
+def _scalar(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("null", "none"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_source_spec(spec: str) -> Dict:
+    """``"type=folder,root=DIR"`` or a YAML file path -> a source config mapping."""
+    if os.path.isfile(spec) and spec.endswith((".yaml", ".yml", ".json")):
+        import yaml
+        with open(spec) as f:
+            cfg = yaml.safe_load(f)
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"source file '{spec}' must hold one mapping (type: ..., ...), got {type(cfg).__name__}")
+        return cfg
+    cfg: Dict = {}
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"source spec '{spec}': '{part}' is not key=value (e.g. type=folder,root=DIR)")
+        cfg[key.strip()] = _scalar(value.strip())
+    if "type" not in cfg:
+        raise ConfigError(f"source spec '{spec}' has no type= (e.g. type=folder,root=DIR)")
+    return cfg
+
+
+def load_source(spec: str) -> Source:
+    """Build the source a ``--source`` spec names (registers all of the data layer's types)."""
+    from . import shards, sources, synthetic  # noqa: F401  (register source types)
+    return build_source(parse_source_spec(spec))
+
+
+# --------------------------------------------------------------------------------------------
+# shards
+# --------------------------------------------------------------------------------------------
+
+def _add_encoding_args(p: argparse.ArgumentParser, *, default_format: str = "jpg") -> None:
+    p.add_argument("--samples-per-shard", type=int, default=10000, help="samples per tar shard (default 10000)")
+    p.add_argument("--format", default=default_format, choices=["jpg", "png", "webp"],
+                   help=f"image encoding (png = lossless; default {default_format})")
+    p.add_argument("--quality", type=int, default=95, help="jpg/webp quality (default 95)")
+    p.add_argument("--prefix", default="shard", help="shard file prefix (default 'shard')")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_shards_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True, help="type=folder,root=DIR style spec or a YAML file")
+    p.add_argument("--out", required=True, help="output directory for the shards")
+    _add_encoding_args(p)
+    p.add_argument("--resize", type=int, default=None, help="resize the shorter side to this many pixels")
+    p.add_argument("--workers", type=int, default=1, help="encoding threads (default 1)")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="unreadable samples")
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    from .convert import to_shards
+    src = load_source(args.source)
+    paths = to_shards(src, args.out, samples_per_shard=args.samples_per_shard, fmt=args.format,
+                      quality=args.quality, resize=args.resize, prefix=args.prefix,
+                      progress=not args.no_progress, on_error=args.on_error, workers=args.workers)
+    print(f"wrote {len(paths)} shards ({len(src)} samples max) to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# npz
+# --------------------------------------------------------------------------------------------
+
+def _add_npz_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--root", help="image folder (class subfolders, or flat = unlabelled)")
+    g.add_argument("--source", help="any source spec instead of --root")
+    p.add_argument("--out", required=True, help="output .npz path")
+    p.add_argument("--size", type=int, default=None, help="resize every image to SIZE x SIZE")
+    p.add_argument("--label", type=int, default=None, help="store this label for all images (e.g. -1)")
+    p.add_argument("--workers", type=int, default=1, help="decoding threads (default 1)")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="unreadable samples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_npz(args: argparse.Namespace) -> int:
+    from .convert import folder_to_npz, source_to_npz
+    kw = dict(size=args.size, label=args.label, progress=not args.no_progress, on_error=args.on_error,
+              workers=args.workers)
+    if args.root is not None:
+        out = folder_to_npz(args.root, args.out, **kw)
+    else:
+        out = source_to_npz(load_source(args.source), args.out, **kw)
+    print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic
+# --------------------------------------------------------------------------------------------
+
+def _add_synthetic_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", default="real", choices=["real", "generated"])
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--keep-labels", action="store_true", help="keep the generated variant's labels")
+    p.add_argument("--to", default="shards", choices=["shards", "npz", "folder"], help="output kind")
+    p.add_argument("--out", required=True, help="output directory (shards, folder) or .npz path")
+    _add_encoding_args(p, default_format="png")
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    from .convert import source_to_npz, to_folder, to_shards
+    from .synthetic import SyntheticSource
+    src = SyntheticSource(n=args.n, size=args.size, seed=args.seed, variant=args.variant, split=args.split,
+                          num_classes=args.num_classes, keep_labels=args.keep_labels)
+    progress = not args.no_progress
+    if args.to == "shards":
+        to_shards(src, args.out, samples_per_shard=args.samples_per_shard, fmt=args.format, quality=args.quality,
+                  prefix=args.prefix, progress=progress)
+    elif args.to == "npz":
+        source_to_npz(src, args.out, progress=progress)
+    else:
+        to_folder(src, args.out, fmt=args.format, quality=args.quality, progress=progress)
+    print(f"wrote {len(src)} synthetic images ({args.variant}, {args.split}) to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------
+
+def _add_info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True, help="type=folder,root=DIR style spec or a YAML file")
+    p.add_argument("--keys", type=int, default=5, help="how many first samples to locate (default 5)")
+
+
+def source_info(src: Source, *, keys: int = 5) -> List[str]:
+    """Lines describing ``src``: type, name, length, label histogram, first sample locations."""
+    labels = np.asarray(src.labels())
+    values, counts = np.unique(labels, return_counts=True)
+    hist = ", ".join(f"{'unknown' if v < 0 else int(v)}: {int(c)}" for v, c in zip(values, counts))
+    lines = [f"type: {src.type_name}", f"name: {src.name}", f"samples: {len(src)}",
+             f"classes: {int((values >= 0).sum())}", f"labels: {hist}", "first samples:"]
+    lines += [f"  {i}: {src.describe(i)}" for i in range(min(keys, len(src)))]
+    return lines
+
+
+def run_info(args: argparse.Namespace) -> int:
+    print("\n".join(source_info(load_source(args.source), keys=args.keys)))
+    return 0
+
+
+register_data_command("shards", _add_shards_args, run_shards, help="any source -> WebDataset shards with index")
+register_data_command("npz", _add_npz_args, run_npz, help="image folder (or any source) -> RGB .npz")
+register_data_command("synthetic", _add_synthetic_args, run_synthetic,
+                      help="write the synthetic set as shards, .npz or an image folder")
+register_data_command("info", _add_info_args, run_info, help="length, label histogram and first samples of a source")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loaders.cli_data")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
