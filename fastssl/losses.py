@@ -284,7 +284,8 @@ def sinkhorn(scores: torch.Tensor, *, eps: float = 0.05, iters: int = 3) -> torc
     """
     # scores are cosines in [-1, 1], so exp(scores / eps) <= e^20 stays finite in float32
     # (a per-rank max shift would not cancel across ranks).
-    q = torch.exp(scores.float() / eps)
+    # (fp16/bf16 scores are promoted to float32; float64 stays float64)
+    q = torch.exp(scores.to(torch.promote_types(scores.dtype, torch.float32)) / eps)
     b, k = q.shape
     n = all_reduce_sum(torch.tensor(float(b), device=q.device))
     q = q / all_reduce_sum(q.sum())
