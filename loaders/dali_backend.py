@@ -1,0 +1,596 @@
+"""DALI backend: the mixture's plan feeds a DALI pipeline that decodes, crops and (optionally) augments.
+
+Reading order comes from :class:`loaders.mixture.Plan`: batch ``b`` of this rank is the list of
+``(source, sample)`` pairs ``plan.batch(b)``; the loader reads those samples with
+``source.read`` (encoded bytes, e.g. WebDataset shards through their offset index or ``.beton``
+JPEGs, or uint8 arrays from npz/synthetic/CIFAR sources) and feeds them to DALI through
+``fn.external_source``. Ratios, dup, fraction, budget, rank slices and exact resume are therefore
+those of the mixture, identical to the torch backend.
+
+Random parameters are drawn in numpy, not by DALI's RNG: crop boxes with
+:func:`loaders.crop.rrc_params` from ``numpy.random.default_rng([seed, rank, b])`` (the torch
+backend's stream, so both backends cut the same boxes), and flips/colour parameters from
+``default_rng([seed, rank, b, 1])``. They enter the graph as per-sample arguments. DALI's own
+RNG operators are seeded per pipeline but restart from their seed whenever a pipeline is
+rebuilt, so a resumed run would not see the parameters of an uninterrupted one; drawing them
+here makes batch ``b`` a pure function of ``(seed, rank, b)`` across restarts, thread counts and
+devices (decoders and resize kernels may still differ by a grey level between CPU and GPU).
+
+Decoding runs on the GPU (``device="mixed"``: nvJPEG) when ``device_id`` is given and CUDA is
+available, on CPU otherwise (``device_id=None`` pipelines need no GPU; that is what CI tests).
+
+Modes:
+
+* ``augment=None``: uint8 ``[B,3,S,S]`` crops (decode + random-resized-crop per view,
+  + horizontal flip with ``flip=True``); the device augmentation engine does the rest
+  (``aug(batch, step=..., crop=False)``).
+* ``augment=<preset name | Augment | list[ViewRecipe]>``: the full recipe in the DALI graph
+  (crop, flip, colour jitter, grayscale, Gaussian blur, solarize, normalize); the Batch's views
+  are then **float32 normalised** ``[B,3,S,S]``. Differences from the engine: DALI's
+  ``color_twist`` applies brightness/contrast/saturation/hue in a fixed order (torchvision
+  draws a random order), its contrast pivots on mid-grey instead of the image mean; ops DALI
+  lacks (RandAugment, equalize) are not run here: :func:`recipes_from_augment` refuses such a
+  preset, run it with ``augment=None`` and the engine instead.
+
+DALI's own WebDataset reader (``fn.readers.webdataset``) reads shards sequentially with a
+shuffle buffer and cannot weight or resume a mixture; it is offered only as the explicitly
+named :func:`dali_webdataset_pipeline` for plain single-source throughput runs.
+
+``nvidia.dali`` is imported only inside this module's functions; without it a clear ImportError
+names the extra (``pip install 'fastssl[dali]'``).
+"""
+from __future__ import annotations
+
+import io
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .base import Source
+from .batch import Batch
+from .crop import CropSpec, rrc_params
+from .errors import ConfigError, DataError, SampleError
+
+__all__ = ["DaliLoader", "PlanLoader", "ViewRecipe", "recipes_from_augment", "require_dali",
+           "dali_webdataset_pipeline", "image_size"]
+
+_M64 = (1 << 64) - 1
+_DALI_HINT = "install the extra: pip install 'fastssl[dali]' (NVIDIA DALI, nvidia-dali-cuda130)"
+
+
+def require_dali():
+    """Import and return ``nvidia.dali`` or raise ImportError naming the extra to install."""
+    try:
+        import nvidia.dali as dali  # heavy; imported only when a DALI loader is built
+        import nvidia.dali.fn  # noqa: F401
+        import nvidia.dali.types  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"the DALI backend needs NVIDIA DALI ({e}); {_DALI_HINT}") from e
+    return dali
+
+
+# --------------------------------------------------------------------------------------------
+# plan-driven reading shared by the DALI and FFCV backends
+# --------------------------------------------------------------------------------------------
+
+class PlanLoader:
+    """Cursor over this rank's batches of a mixture plan, with the shared Loader semantics.
+
+    Subclasses implement ``_batches(plan)`` (yield a :class:`Batch` per non-empty plan batch,
+    with ``meta["batch"]`` = its number after the cursor). This base holds the plan, the
+    ``skipped`` counter, crop sampling and ``state_dict``/``load_state_dict`` in the torch
+    backend's format (``{"plan": Plan.state_dict(), "skipped": n}``), so a checkpoint resumes
+    on any backend at exactly the next sample, with the same crops.
+    """
+
+    backend = "plan"
+
+    def __init__(self, sources: Sequence[Source], mixture, *, batch_size: int,
+                 crops: Optional[Sequence[CropSpec]] = None, resize: Optional[int] = None,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 2, seed: int = 0,
+                 on_error: str = "raise", pin_memory: bool = False, drop_last: bool = True):
+        from .mixture import Plan
+
+        self.sources = list(sources)
+        if len(self.sources) != mixture.num_sources:
+            raise ConfigError(f"{self.backend} loader: {len(self.sources)} sources for a mixture of "
+                              f"{mixture.num_sources}")
+        for s, (src, n) in enumerate(zip(self.sources, mixture.sizes.tolist())):
+            if len(src) != n:
+                raise ConfigError(f"{self.backend} loader: source '{mixture.names[s]}' has {len(src)} samples "
+                                  f"but the mixture expects {n}")
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"{self.backend} loader: on_error must be 'raise' or 'skip', got {on_error!r}")
+        if crops is not None:
+            crops = list(crops)
+            if not crops or not all(isinstance(c, CropSpec) for c in crops):
+                raise ConfigError(f"{self.backend} loader: crops must be a non-empty list of CropSpec, got {crops!r}")
+        if resize is not None and (not isinstance(resize, int) or resize <= 0):
+            raise ConfigError(f"{self.backend} loader: resize must be a positive integer or None, got {resize!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"{self.backend} loader: num_workers must be an integer >= 0, got {num_workers!r}")
+        self.mixture = mixture
+        self.offsets = np.asarray(mixture.offsets, np.int64)
+        self.crops = crops
+        self.resize = resize
+        self.num_workers = num_workers
+        self.seed = int(seed)
+        self.on_error = on_error
+        self.pin_memory = bool(pin_memory)
+        self._plan = Plan(mixture, batch_size=batch_size, rank=rank, world_size=world_size, drop_last=drop_last)
+        #: samples skipped under on_error="skip", in the batches handed out so far
+        self.skipped = 0
+        self._iterating = False
+
+    @property
+    def batch_size(self) -> int:
+        return self._plan.batch_size
+
+    @property
+    def rank(self) -> int:
+        return self._plan.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._plan.world_size
+
+    @property
+    def plan(self):
+        return self._plan
+
+    def __len__(self) -> int:
+        """Batches left (TypeError for an unlimited mixture)."""
+        return len(self._plan)
+
+    def __iter__(self):
+        plan = self._plan.copy()  # frozen cursor for the readers; self._plan counts handed-out batches
+        done = 0
+        self._iterating = True
+        try:
+            for batch in self._batches(plan):
+                b = int(batch.meta["batch"])
+                self._plan.advance(b + 1 - done)  # all-skipped batches in between are consumed too
+                done = b + 1
+                self.skipped += batch.skipped
+                yield batch
+        finally:
+            self._iterating = False
+
+    def _batches(self, plan):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def _batch_ids(plan):
+        """Batch numbers after ``plan``'s cursor: ``0 .. num_batches-1`` (endless if unlimited)."""
+        total = plan.num_batches
+        b = 0
+        while total is None or b < total:
+            yield b
+            b += 1
+
+    # -- random parameters ---------------------------------------------------------------------
+    def _rng_key(self, plan, b: int) -> list:
+        # the torch backend's key: (seed, rank, rank-stream item of the batch's first sample)
+        return [self.seed & _M64, plan.rank, int(plan.samples + b * plan.batch_size)]
+
+    def crop_boxes(self, plan, b: int, heights, widths) -> List[np.ndarray]:
+        """Random-resized-crop boxes ``int64 [n, 4]`` (top, left, h, w), one array per CropSpec,
+        for batch ``b`` after ``plan``'s cursor: a function of the batch's position in the rank's
+        stream only (not of workers, threads or restarts), identical to the torch backend's."""
+        rng = np.random.default_rng(self._rng_key(plan, b))
+        return [rrc_params(rng, heights, widths, spec.scale, spec.ratio) for spec in self.crops]
+
+    def aux_rng(self, plan, b: int) -> np.random.Generator:
+        """Generator for the other per-sample parameters of batch ``b`` (flips, colour)."""
+        return np.random.default_rng(self._rng_key(plan, b) + [1])
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read_samples(self, src: np.ndarray, sample: np.ndarray, pool=None):
+        """``source.read`` for every pair; returns (data list, label int64[n], ok bool[n]).
+
+        A :class:`SampleError` re-raises under ``on_error="raise"``; under ``"skip"`` the
+        sample's ``ok`` is False (the caller drops it and counts it).
+        """
+        def one(k):
+            try:
+                return self.sources[int(src[k])].read(int(sample[k]))
+            except SampleError:
+                if self.on_error == "raise":
+                    raise
+                return None
+
+        n = len(src)
+        # reading is I/O (file reads, tar offsets) that releases the GIL: threads overlap it
+        got = list(pool.map(one, range(n))) if pool is not None and n > 1 else [one(k) for k in range(n)]
+        ok = np.array([g is not None for g in got], bool)
+        labels = np.array([g[1] if g is not None else -1 for g in got], np.int64)
+        data = [g[0] if g is not None else None for g in got]
+        return data, labels, ok
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The plan cursor after the batches handed out so far, plus the skipped count."""
+        return {"plan": self._plan.state_dict(), "skipped": int(self.skipped)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume at the next sample (call before iterating)."""
+        if self._iterating:
+            raise RuntimeError("load_state_dict() while iterating: call it before the for-loop")
+        if "plan" not in sd:
+            raise ConfigError(f"{self.backend} loader state_dict lacks 'plan'; got keys {sorted(sd)}")
+        self._plan.load_state_dict(sd["plan"])
+        self.skipped = int(sd.get("skipped", 0))
+
+    def _views_spec(self) -> List[Tuple[int, Optional[CropSpec]]]:
+        """(output size or 0 = as-is, crop spec or None) per output view."""
+        if self.crops:
+            return [(c.size, c) for c in self.crops]
+        return [(self.resize or 0, None)]
+
+
+def image_size(data) -> Tuple[int, int]:
+    """(height, width) of an encoded image from its header only (PIL reads no pixels), or of an array."""
+    if isinstance(data, np.ndarray):
+        return int(data.shape[0]), int(data.shape[1])
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+    return int(h), int(w)
+
+
+def _yields_arrays(source: Source) -> bool:
+    """Whether ``source.read`` returns decoded arrays (probes its first readable sample)."""
+    for i in range(min(len(source), 8)):
+        try:
+            return isinstance(source.read(i)[0], np.ndarray)
+        except SampleError:
+            continue
+    return False
+
+
+def _as_ppm(a: np.ndarray) -> np.ndarray:
+    """A uint8 HWC array as PPM (P6) bytes: a 15-byte header + the raw pixels, decoded by DALI
+    with a memcpy; lets arrays ride the encoded path when a mixture also holds JPEG sources."""
+    h, w = a.shape[:2]
+    head = np.frombuffer(f"P6\n{w} {h}\n255\n".encode(), np.uint8)
+    return np.concatenate([head, np.ascontiguousarray(a, np.uint8).reshape(-1)])
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation recipe (what the DALI graph can do)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """One output view's augmentation in the DALI graph, torchvision/solo-learn semantics.
+
+    ``crop`` random-resized-crop; ``flip`` probability; colour jitter applied with probability
+    ``jitter`` and strengths ``brightness``/``contrast``/``saturation`` (factor ~ U(1-x, 1+x))
+    and ``hue`` (shift ~ U(-x, x) of a full turn); ``gray`` probability; Gaussian blur with
+    probability ``blur``, sigma ~ U(``blur_sigma``) pixels, window ``blur_kernel`` (0: ~10% of
+    the output size, odd); ``solarize`` probability (pixels >= 128 inverted); ``mean``/``std``
+    in [0, 1] units for the final normalisation.
+    """
+
+    crop: CropSpec
+    flip: float = 0.5
+    jitter: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    gray: float = 0.2
+    blur: float = 0.0
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int = 0
+    solarize: float = 0.0
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def kernel(self) -> int:
+        k = self.blur_kernel or int(0.1 * self.crop.size)
+        return max(3, k | 1)
+
+
+def _get(obj, *names, default=None):
+    """First attribute or mapping key of ``obj`` among ``names`` (adapter over engine objects)."""
+    for n in names:
+        if isinstance(obj, dict) and n in obj:
+            return obj[n]
+        if hasattr(obj, n):
+            return getattr(obj, n)
+    return default
+
+
+def recipes_from_augment(augment) -> List[ViewRecipe]:
+    """Map an engine augmentation (a preset name, an ``loaders.augment.Augment`` or a list of
+    :class:`ViewRecipe`) to DALI view recipes; raise ConfigError for ops DALI lacks."""
+    if isinstance(augment, (list, tuple)) and all(isinstance(r, ViewRecipe) for r in augment):
+        return list(augment)
+    if isinstance(augment, str):
+        from .augment import Augment
+        augment = Augment.from_preset(augment)
+    views = _get(augment, "views", "view_specs")
+    crops = list(_get(augment, "crop_specs", default=[]) or [])
+    if views is None:
+        raise ConfigError(f"cannot read the view specs of {type(augment).__name__} for DALI")
+    recipes = []
+    for k, v in enumerate(views):
+        crop = _get(v, "crop", "crop_spec") or (crops[k] if k < len(crops) else None)
+        if not isinstance(crop, CropSpec):
+            raise ConfigError(f"view {k} of the augmentation has no CropSpec for DALI")
+        for op in ("randaugment", "rand_augment", "equalize"):
+            val = _get(v, op)
+            if val:
+                raise ConfigError(f"view {k} uses '{op}', which the DALI graph lacks: build the DALI loader "
+                                  f"with augment=None and let the engine run the recipe (aug(batch, crop=False))")
+        jit = _get(v, "jitter", "color_jitter")
+        jp = float(_get(v, "jitter_p", "jitter_prob", default=_get(jit, "p", "prob", default=0.0) if jit is not None else 0.0))
+        js = _get(jit, "brightness", default=None) if jit is not None else None
+        blur = _get(v, "blur")
+        recipes.append(ViewRecipe(
+            crop=crop,
+            flip=float(_get(v, "flip", "flip_p", default=0.5)),
+            jitter=jp,
+            brightness=float(js if js is not None else 0.0),
+            contrast=float(_get(jit, "contrast", default=0.0) if jit is not None else 0.0),
+            saturation=float(_get(jit, "saturation", default=0.0) if jit is not None else 0.0),
+            hue=float(_get(jit, "hue", default=0.0) if jit is not None else 0.0),
+            gray=float(_get(v, "gray", "grayscale", "gray_p", default=0.0)),
+            blur=float(_get(v, "blur_p", default=_get(blur, "p", "prob", default=0.0) if blur is not None and
+                            not isinstance(blur, (int, float)) else (blur or 0.0))),
+            blur_sigma=tuple(_get(v, "blur_sigma", default=_get(blur, "sigma", default=(0.1, 2.0))
+                                  if blur is not None and not isinstance(blur, (int, float)) else (0.1, 2.0))),
+            solarize=float(_get(v, "solarize", "solarize_p", default=0.0) or 0.0),
+            mean=tuple(_get(v, "mean", default=_get(augment, "mean", default=(0.485, 0.456, 0.406)))),
+            std=tuple(_get(v, "std", default=_get(augment, "std", default=(0.229, 0.224, 0.225)))),
+        ))
+    return recipes
+
+
+def _draw_recipe_params(rng: np.random.Generator, r: ViewRecipe, n: int) -> dict:
+    """Per-sample parameters of one view (numpy, batched): colour factors (identity where the
+    jitter does not fire), saturation 0 where grayscale fires, blur sigma and flags."""
+    fire = rng.random(n) < r.jitter
+    u = rng.random((n, 4))
+    b = np.where(fire, 1 + r.brightness * (2 * u[:, 0] - 1), 1.0)
+    c = np.where(fire, 1 + r.contrast * (2 * u[:, 1] - 1), 1.0)
+    s = np.where(fire, 1 + r.saturation * (2 * u[:, 2] - 1), 1.0)
+    h = np.where(fire, r.hue * (2 * u[:, 3] - 1) * 360.0, 0.0)  # DALI's hue is in degrees
+    gray = rng.random(n) < r.gray
+    # gray after jitter: in YIQ space a zero saturation keeps luma (0.299, 0.587, 0.114) only
+    s = np.where(gray, 0.0, np.maximum(s, 0.0))
+    blur = rng.random(n) < r.blur
+    sigma = rng.uniform(r.blur_sigma[0], r.blur_sigma[1], n)
+    sol = rng.random(n) < r.solarize
+    flip = rng.random(n) < r.flip
+    f32 = np.float32
+    return {"brightness": np.maximum(b, 0).astype(f32), "contrast": np.maximum(c, 0).astype(f32),
+            "saturation": s.astype(f32), "hue": h.astype(f32), "blur": blur.astype(np.uint8),
+            "sigma": sigma.astype(f32), "solarize": sol.astype(np.uint8), "flip": flip.astype(np.int32)}
+
+
+_RECIPE_KEYS = ("brightness", "contrast", "saturation", "hue", "blur", "sigma", "solarize", "flip")
+
+
+# --------------------------------------------------------------------------------------------
+# the loader
+# --------------------------------------------------------------------------------------------
+
+class DaliLoader(PlanLoader):
+    """DALI pipeline fed by the mixture's plan; yields :class:`~loaders.batch.Batch`.
+
+    Shared Loader arguments (see :class:`PlanLoader`) plus, keyword-only:
+    ``device_id`` (CUDA device of this rank; ``None`` = CPU pipeline), ``augment`` (``None``:
+    uint8 views; a preset name / Augment / list of :class:`ViewRecipe`: the full recipe in DALI,
+    float32 normalised views), ``flip`` (uint8 mode: random horizontal flip p=0.5 per view),
+    ``num_threads`` (DALI CPU threads, default ``max(1, num_workers)``), ``prefetch`` (batches
+    DALI prepares ahead). ``num_workers`` threads read samples from the sources.
+
+    Views: ``[B, 3, S, S]`` per CropSpec (or per recipe), or one ``[B, 3, R, R]`` view resized to
+    ``resize``, or the images as they are when all share one size. On the GPU path the views are
+    CUDA tensors on ``device_id``; ``index``/``source``/``label`` stay on the CPU.
+    """
+
+    backend = "dali"
+
+    def __init__(self, sources, mixture, *, batch_size, crops=None, resize=None, rank=0, world_size=1,
+                 num_workers=2, seed=0, on_error="raise", pin_memory=False, device_id: Optional[int] = None,
+                 augment=None, flip: bool = False, num_threads: Optional[int] = None, prefetch: int = 2):
+        require_dali()
+        self.recipes = recipes_from_augment(augment) if augment is not None else None
+        if self.recipes is not None:
+            crops = [r.crop for r in self.recipes]
+        super().__init__(sources, mixture, batch_size=batch_size, crops=crops, resize=resize, rank=rank,
+                         world_size=world_size, num_workers=num_workers, seed=seed, on_error=on_error,
+                         pin_memory=pin_memory)
+        self.flip = bool(flip)
+        self.gpu = device_id is not None and torch.cuda.is_available()
+        self.device_id = int(device_id) if self.gpu else None
+        self.num_threads = int(num_threads) if num_threads else max(1, self.num_workers)
+        self.prefetch = max(1, int(prefetch))
+        # arrays can skip the decoder when every source yields arrays (npz, CIFAR, synthetic)
+        self.raw = all(_yields_arrays(s) for s in self.sources)
+
+    # -- the feed (runs in the thread that calls pipe.run) --------------------------------------
+    def _feeder(self, plan):
+        """Callable for ``fn.external_source``: each call returns the next non-empty plan batch as
+        per-sample lists (data, meta int64[5] = index, source, label, plan batch, skipped-in-batch,
+        and per view roi start/end float32[2] (+ recipe parameters))."""
+        pool = ThreadPoolExecutor(self.num_workers) if self.num_workers > 1 else None
+        ids = self._batch_ids(plan)
+        views = self._views_spec()
+
+        def feed():
+            skipped = 0
+            for b in ids:
+                src, sample, index = plan.batch(b)
+                data, labels, ok = self.read_samples(src, sample, pool)
+                keep = np.flatnonzero(ok)
+                skipped += len(ok) - len(keep)
+                if len(keep):
+                    break
+            else:
+                if pool is not None:
+                    pool.shutdown(wait=False)
+                raise StopIteration
+            data = [data[k] for k in keep]
+            n = len(keep)
+            if self.crops:  # sizes from arrays or image headers, before arrays become PPM
+                try:
+                    hw = np.array([image_size(d) for d in data], np.int64).reshape(-1, 2)
+                except (OSError, ValueError) as e:
+                    raise DataError(f"dali loader: cannot read an image header in plan batch {b} ({e})") from e
+            meta = np.stack([index[keep], src[keep], labels[keep], np.full(n, b), np.zeros(n, np.int64)], 1)
+            meta[0, 4] = skipped  # the batch's skipped count rides on its first row
+            if not self.raw:
+                data = [_as_ppm(d) if isinstance(d, np.ndarray) else np.frombuffer(d, np.uint8) for d in data]
+            out = [data, list(meta)]
+            if self.crops:
+                boxes = self.crop_boxes(plan, b, hw[:, 0], hw[:, 1])
+                for box in boxes:
+                    start = box[:, :2].astype(np.float32)
+                    out += [list(start), list(start + box[:, 2:].astype(np.float32))]
+            rng = self.aux_rng(plan, b)
+            if self.recipes is not None:
+                for r in self.recipes:
+                    p = _draw_recipe_params(rng, r, n)
+                    out += [list(p[k]) for k in _RECIPE_KEYS]
+            else:
+                for _ in views:
+                    fl = (rng.random(n) < 0.5) if self.flip else np.zeros(n, bool)
+                    out.append(list(fl.astype(np.int32)))
+            return tuple(out)
+
+        return feed
+
+    # -- the graph -------------------------------------------------------------------------------
+    def _build(self, plan):
+        dali = require_dali()
+        from nvidia.dali import fn, types
+
+        views = self._views_spec()
+        n_out = 2 + (2 * len(views) if self.crops else 0) + \
+            (len(_RECIPE_KEYS) * len(views) if self.recipes is not None else len(views))
+        layouts = ["HWC" if self.raw else ""] + [""] * (n_out - 1)
+        interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
+
+        @dali.pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
+                           device_id=self.device_id, seed=self.seed * 1000003 + self.rank,
+                           prefetch_queue_depth=self.prefetch, exec_dynamic=True)
+        def pipe():
+            ins = list(fn.external_source(source=self._feeder(plan), num_outputs=n_out, batch=True,
+                                          layout=layouts, no_copy=False))
+            data, meta = ins[0], ins[1]
+            rest = ins[2:]
+            if self.raw:
+                img = data.gpu() if self.gpu else data
+            else:
+                img = fn.decoders.image(data, device="mixed" if self.gpu else "cpu", output_type=types.RGB)
+            outs = [meta]
+            for k, (size, spec) in enumerate(views):
+                if spec is not None:
+                    start, end = rest[2 * k], rest[2 * k + 1]
+                    v = fn.resize(img, size=[size, size], roi_start=start, roi_end=end, roi_relative=False,
+                                  interp_type=interp[spec.interpolation], antialias=True)
+                elif size:
+                    v = fn.resize(img, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+                else:
+                    v = img
+                base = 2 * len(views) if self.crops else 0
+                if self.recipes is not None:
+                    r = self.recipes[k]
+                    p = dict(zip(_RECIPE_KEYS, rest[base + k * len(_RECIPE_KEYS): base + (k + 1) * len(_RECIPE_KEYS)]))
+                    v = fn.color_twist(v, brightness=p["brightness"], contrast=p["contrast"],
+                                       saturation=p["saturation"], hue=p["hue"])
+                    if r.blur > 0:
+                        w = r.kernel()
+                        blurred = fn.gaussian_blur(v, sigma=p["sigma"], window_size=w)
+                        bf = p["blur"]
+                        # per-sample select without conditionals: flags are 0/1
+                        v = fn.cast(blurred * bf + v * (1 - bf), dtype=types.UINT8)
+                    if r.solarize > 0:
+                        high = fn.cast(v >= 128, dtype=types.UINT8)
+                        v = v ^ (high * p["solarize"] * 255)  # 255 - x == x XOR 255 for uint8
+                    v = fn.crop_mirror_normalize(v, dtype=types.FLOAT, output_layout="CHW", mirror=p["flip"],
+                                                 mean=[255 * m for m in r.mean], std=[255 * s for s in r.std])
+                else:
+                    v = fn.crop_mirror_normalize(v, dtype=types.UINT8, output_layout="CHW", mirror=rest[base + k])
+                outs.append(v)
+            return tuple(outs)
+
+        p = pipe()
+        p.build()
+        return p
+
+    # -- iteration -------------------------------------------------------------------------------
+    def _to_torch(self, tl) -> torch.Tensor:
+        try:
+            t = tl.as_tensor()
+        except RuntimeError as e:
+            raise DataError("dali loader: images of different sizes in one batch; pass crops or resize "
+                            f"({e})") from e
+        if self.gpu:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+            dtype = torch.uint8 if self.recipes is None else torch.float32
+            out = torch.empty(t.shape(), dtype=dtype, device=f"cuda:{self.device_id}")
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device_id))
+            return out
+        return torch.from_numpy(np.array(t))  # copy: DALI reuses its output buffers
+
+    def _batches(self, plan):
+        if plan.num_batches == 0:
+            return
+        pipe = self._build(plan)
+        try:
+            while True:
+                try:
+                    outs = pipe.run()
+                except StopIteration:
+                    return
+                meta = np.array(outs[0].as_tensor())
+                views = [self._to_torch(o) for o in outs[1:]]
+                if self.pin_memory and not self.gpu and torch.cuda.is_available():
+                    views = [v.pin_memory() for v in views]
+                m = torch.from_numpy(meta)
+                yield Batch(views=views, index=m[:, 0].clone(), source=m[:, 1].clone(), label=m[:, 2].clone(),
+                            skipped=int(meta[0, 4]), meta={"backend": "dali", "batch": int(meta[0, 3])})
+        finally:
+            del pipe
+
+
+def dali_webdataset_pipeline(paths: Sequence[str], index_paths: Optional[Sequence[str]] = None, *,
+                             batch_size: int, crop: CropSpec, ext: str = "jpg", device_id: Optional[int] = None,
+                             num_threads: int = 2, seed: int = 0, shuffle_buffer: int = 1024):
+    """DALI's own sequential WebDataset reader + decode + random-resized-crop + flip, uint8 CHW.
+
+    Throughput baseline only: it reads the shards in order through a shuffle buffer, draws crops
+    with DALI's RNG, knows nothing of mixture weights, rank slices or resume. Use
+    :class:`DaliLoader` (plan-driven) for training. Returns a built DALI pipeline whose
+    ``run()`` gives ``(images uint8 [B,3,S,S], labels)``.
+    """
+    dali = require_dali()
+    from nvidia.dali import fn, types
+    gpu = device_id is not None and torch.cuda.is_available()
+
+    @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id if gpu else None,
+                       seed=seed)
+    def pipe():
+        img, cls = fn.readers.webdataset(paths=list(paths), index_paths=list(index_paths) if index_paths else None,
+                                         ext=[ext, "cls"], missing_component_behavior="error",
+                                         random_shuffle=shuffle_buffer > 0, initial_fill=max(1, shuffle_buffer),
+                                         name="reader")
+        img = fn.decoders.image_random_crop(img, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                            random_area=list(crop.scale), random_aspect_ratio=list(crop.ratio))
+        img = fn.resize(img, size=[crop.size, crop.size], antialias=True)
+        img = fn.crop_mirror_normalize(img, dtype=types.UINT8, output_layout="CHW",
+                                       mirror=fn.random.coin_flip(probability=0.5))
+        return img, cls
+
+    p = pipe()
+    p.build()
+    return p
