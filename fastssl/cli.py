@@ -1,0 +1,134 @@
+"""The ``fastssl`` command: ``pretrain``, ``eval``, ``data`` and ``bench``.
+
+Errors in the user's input (unknown config key, wrong type, missing data file ...) end the
+command with one line on stderr and exit status 2, before anything is written; a run stopped
+by a non-finite loss exits with status 3.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain", help="self-supervised pretraining from a YAML config",
+        description="Pretrain an encoder. CONFIG is a YAML file (may list 'defaults'); "
+                    "OVERRIDES are key.sub=value pairs, e.g. train.steps=100 optim.lr=0.3.")
+    p.add_argument("config", metavar="CONFIG", help="run config YAML (e.g. configs/demo.yaml)")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="config overrides (YAML values)")
+    p.add_argument("--resume", metavar="PATH", default=None,
+                   help="checkpoint to resume from, or 'auto' for the run directory's latest")
+    p.add_argument("--out", metavar="DIR", default=None, help="run directory (default: runs/<config name>)")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="kNN and linear-probe top-1 of a checkpoint on frozen features",
+        description="Extract features of unaugmented images (the config's eval.train and eval.test "
+                    "sources) and print kNN top-1 and linear-probe top-1.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a training checkpoint (.pt), a backbone.pt next to its config.yaml, or a run directory")
+    p.add_argument("--data", metavar="YAML", default=None,
+                   help="YAML with 'train:' and 'test:' source configs (overrides the run's eval data)")
+    p.add_argument("--no-linear", action="store_true", help="kNN only (skip the linear probe)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _add_optional_group(sub, name: str, module: str, help_text: str) -> None:
+    """Wire ``module.add_subcommands(subparsers)`` under ``fastssl NAME``; if the module is
+    missing, ``fastssl NAME`` explains that instead of failing at import."""
+    try:
+        mod = __import__(module, fromlist=["add_subcommands"])
+        add = getattr(mod, "add_subcommands")
+    except ImportError as e:
+        p = sub.add_parser(name, help=f"{help_text} (unavailable: {e})")
+        p.set_defaults(func=lambda args, _e=e: _unavailable(name, module, _e))
+        return
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    inner = p.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+    add(inner)
+    p.set_defaults(func=lambda args, _p=p: _dispatch_or_help(args, _p))
+
+
+def _dispatch_or_help(args, parser) -> int:
+    # the group's own subcommands set their own ``func``; reaching here means none was given
+    parser.print_help()
+    return EXIT_USAGE
+
+
+def _unavailable(name: str, module: str, err: Exception) -> int:
+    print(f"fastssl {name}: not available ({module} cannot be imported: {err})", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastssl",
+        description="Self-supervised visual pretraining built around a fast, exact data path.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_pretrain(sub)
+    _add_eval(sub)
+    _add_optional_group(sub, "data", "loaders.cli_data", "data tools: convert, inspect and check sources")
+    _add_optional_group(sub, "bench", "benchmarks.cli", "throughput benchmarks of the data path and the model")
+    return parser
+
+
+def _cmd_pretrain(args) -> int:
+    from .config import load_config
+    from .trainer import NonFiniteLoss, train
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    try:
+        result = train(cfg, out=args.out)
+    except NonFiniteLoss as e:
+        print(f"fastssl pretrain: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    return 0 if result is not None else 1
+
+
+def _cmd_eval(args) -> int:
+    from .config import load_yaml
+    from .eval import evaluate_checkpoint
+
+    data = load_yaml(args.data) if args.data else None
+    res = evaluate_checkpoint(args.checkpoint, data=data, linear=not args.no_linear, device=args.device)
+    print(f"kNN top-1: {100 * res['knn_top1']:.2f}%")
+    if res.get("linear_top1") is not None:
+        print(f"linear-probe top-1: {100 * res['linear_top1']:.2f}%")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``fastssl`` and ``python -m fastssl``; returns the exit status."""
+    from loaders.errors import ConfigError, DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        msg = " ".join(str(e).split())  # one line, whatever the message's layout
+        print(f"fastssl {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"fastssl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

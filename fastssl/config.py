@@ -1,0 +1,435 @@
+"""Run configuration: one typed schema, YAML composition and ``key.sub=value`` overrides.
+
+A run config is a YAML mapping with the sections of :class:`RunConfig`. A file may list other
+files to start from::
+
+    defaults: [data/demo.yaml, method/simclr.yaml]   # relative to the configs/ folder
+    train: {steps: 500}
+
+Files are merged in order (``defaults`` first, each one's own ``defaults`` before it, then the
+file's own keys); later keys override earlier ones, mappings merge key by key, lists are
+replaced. Command-line overrides ``train.steps=100`` come last; their values are parsed as YAML
+scalars (``1e-3`` -> float, ``null`` -> None, ``[1,2]`` -> list).
+
+Typed sections (``model``, ``optim``, ``train``, ``eval``, ``log``) are checked here: an
+unknown key raises :class:`~loaders.errors.ConfigError` naming the closest valid key, a value
+of the wrong type names the key, the expected type and what it got. Open sections are passed
+through to the component that owns their schema: ``data`` to ``loaders.pipeline.build_loader``,
+``augment`` (``{preset: NAME, **overrides}``) to ``loaders.augment.Augment`` and ``method``
+(``{name: NAME, **hparams}``) to ``fastssl.methods.build_method``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import yaml
+
+from loaders.errors import ConfigError, check_keys
+
+__all__ = [
+    "RunConfig", "ModelConfig", "OptimConfig", "TrainConfig", "EvalConfig", "LogConfig",
+    "CONFIG_ROOT", "load_yaml", "compose", "apply_overrides", "parse_override", "from_dict",
+    "load_config", "to_dict", "dump",
+]
+
+#: the repository's ``configs/`` folder (where ``defaults`` entries are looked up last)
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """Backbone: ``fastssl.models.build_backbone(name, cifar_stem=..., width=...)``."""
+
+    backbone: str = "resnet18"
+    cifar_stem: bool = True
+    #: channels of the first stage (64 = standard ResNet-18)
+    width: int = 64
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedule. ``None`` means: the method's published recipe
+    (``fastssl.methods.base.RECIPE_DEFAULTS`` overridden by ``Method.defaults`` and by recipe
+    keys in the ``method:`` section)."""
+
+    #: lars | sgd | adamw | adam
+    name: Optional[str] = None
+    #: base learning rate per 256 images; the run uses lr * (batch * world * accumulation) / 256
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    momentum: Optional[float] = None
+    #: LARS trust coefficient
+    eta: Optional[float] = None
+    #: linear warmup from ``start_lr`` to the scaled lr, in optimizer steps
+    warmup_steps: Optional[int] = None
+    start_lr: Optional[float] = None
+    #: the cosine ends at this (absolute) lr
+    final_lr: Optional[float] = None
+    #: gradient-norm clip
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    """Training length, precision, checkpoints and the online probe."""
+
+    #: optimizer steps; None = derived from ``data.budget`` (images seen over all ranks)
+    steps: Optional[int] = None
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    grad_accum: int = 1
+    #: write a checkpoint every this many steps (0 = only at the end)
+    checkpoint_every: int = 0
+    #: path to a checkpoint, "auto" (latest in the run directory) or None
+    resume: Optional[str] = None
+    #: torch.use_deterministic_algorithms + fixed threads: bit-reproducible resume on CPU
+    deterministic: bool = False
+    #: "auto" (cuda when available) or "cpu"
+    device: str = "auto"
+    sync_bn: bool = True
+    #: online linear probe on detached backbone features
+    probe: bool = True
+    #: online probe lr per 256 images (None = the method's classifier_lr, 0.05: 0.1 at batch 512)
+    probe_lr: Optional[float] = None
+    num_classes: int = 10
+    #: BCL: per-sample momentum loss drives the augmentation strength (REFERENCE.md section 3)
+    bcl: bool = False
+    bcl_beta: float = 0.97
+    #: stop after this many steps without returning an error (tests; None = run to the end)
+    stop_after: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    """End-of-run evaluation on frozen features of unaugmented images.
+
+    ``train``/``test`` are source configs (``{"type": "synthetic", ...}``): ``train`` is the
+    labelled memory bank for kNN and the probe's training set, ``test`` the held-out split.
+    """
+
+    enabled: bool = True
+    train: Optional[Dict[str, Any]] = None
+    test: Optional[Dict[str, Any]] = None
+    image_size: Optional[int] = None
+    knn_k: int = 200
+    knn_t: float = 0.1
+    linear: bool = True
+    linear_epochs: int = 100
+    linear_optimizer: str = "adam"  # adam | sgd
+    linear_lr: float = 1e-2
+    linear_weight_decay: float = 5e-6
+    linear_batch_size: int = 1000
+    batch_size: int = 512
+    #: also report kNN of the same encoder at random initialisation
+    random_init_baseline: bool = True
+    mean: List[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
+    std: List[float] = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
+
+
+@dataclass
+class LogConfig:
+    """Where and how the run writes its records."""
+
+    #: run directory (overridden by ``fastssl pretrain --out``); None = runs/<config name>
+    out: Optional[str] = None
+    every: int = 10
+    tensorboard: bool = True
+    csv: bool = True
+    plot: bool = True
+    progress: bool = True
+    #: write the sample ids of every step to indices_rank{r}.jsonl (reproducibility checks)
+    indices: bool = False
+
+
+@dataclass
+class RunConfig:
+    """The whole run. ``data``, ``augment`` and ``method`` are validated by their owners."""
+
+    data: Dict[str, Any] = field(default_factory=dict)
+    augment: Dict[str, Any] = field(default_factory=lambda: {"preset": "symmetric"})
+    method: Dict[str, Any] = field(default_factory=lambda: {"name": "simclr"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    #: free-form name of the run (default: the config file's stem)
+    name: str = "run"
+
+
+_OPEN_SECTIONS = ("data", "augment", "method")
+
+
+# ----------------------------------------------------------------------------- YAML files
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` / ``5e4`` as floats (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read one YAML mapping; ConfigError when the file is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        doc = _yaml_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(doc).__name__}")
+    return doc
+
+
+def _deep_merge(base: Dict[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
+    """``top`` over ``base``: mappings merge recursively, everything else is replaced."""
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(dict(out[k]), v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _config_roots(path: Path) -> List[Path]:
+    roots = [p for p in [path.parent, *path.parents] if p.name == "configs"]
+    roots.append(path.parent)
+    roots.append(CONFIG_ROOT)
+    return roots
+
+
+def _find_default(entry: str, path: Path) -> Path:
+    for root in _config_roots(path):
+        cand = root / entry
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"{path}: 'defaults' entry '{entry}' not found under "
+                      f"{', '.join(str(r) for r in _config_roots(path))}")
+
+
+def compose(path: Union[str, Path], _seen: Sequence[Path] = ()) -> Dict[str, Any]:
+    """Merge ``path`` with its ``defaults`` (recursively) into one plain dict."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config file {path} includes itself through 'defaults'")
+    doc = load_yaml(path)
+    defaults = doc.pop("defaults", []) or []
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: 'defaults' must be a list of config files, got {type(defaults).__name__}")
+    merged: Dict[str, Any] = {}
+    for entry in defaults:
+        merged = _deep_merge(merged, compose(_find_default(str(entry), path), (*_seen, path)))
+    return _deep_merge(merged, doc)
+
+
+# ----------------------------------------------------------------------------- overrides
+def parse_override(text: str):
+    """``"train.steps=100"`` -> ``(["train", "steps"], 100)``; the value is a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = _yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from e
+    return key.split("."), value
+
+
+def apply_overrides(cfg: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a plain dict (lists are indexed by number)."""
+    cfg = copy.deepcopy(cfg)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node: Any = cfg
+        for i, k in enumerate(keys[:-1]):
+            where = ".".join(keys[: i + 1])
+            if isinstance(node, list):
+                node = node[_list_index(node, k, where)]
+                continue
+            if k not in node or node[k] is None:
+                node[k] = {}
+            node = node[k]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override '{text}': '{where}' is a {type(node).__name__}, not a section")
+        last = keys[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, ".".join(keys))] = value
+        else:
+            node[last] = value
+    return cfg
+
+
+def _list_index(node: list, k: str, where: str) -> int:
+    try:
+        i = int(k)
+    except ValueError:
+        raise ConfigError(f"override key '{where}': '{k}' indexes a list; use a number") from None
+    if not -len(node) <= i < len(node):
+        raise ConfigError(f"override key '{where}': index {i} out of range (list has {len(node)} items)")
+    return i
+
+
+# ----------------------------------------------------------------------------- typing
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        return tp.__name__
+    if typing.get_origin(tp) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return str(tp).replace("typing.", "")
+
+
+def _check_type(value, tp, key: str):
+    """Return ``value`` (ints widened to float where a float is expected) or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, List):
+        if isinstance(value, (list, tuple)):
+            (arg,) = typing.get_args(tp) or (Any,)
+            return [_check_type(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin in (dict, Dict):
+        if isinstance(value, dict):
+            return dict(value)
+    else:  # pragma: no cover - schema uses only the types above
+        raise TypeError(f"unsupported schema type {tp} for {key}")
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build_section(cls, values: Any, where: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config section '{where}' must be a mapping, got {type(values).__name__} {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    check_keys(values, fields, f"config section '{where}'")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in values.items():
+        if dataclasses.is_dataclass(hints[k]):
+            kwargs[k] = _build_section(hints[k], v, f"{where}.{k}" if where else k)
+        else:
+            kwargs[k] = _check_type(v, hints[k], f"{where}.{k}" if where else k)
+    return cls(**kwargs)
+
+
+def from_dict(d: Mapping[str, Any]) -> RunConfig:
+    """Type-check a plain dict against the schema and return a :class:`RunConfig`."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
+    d = dict(d)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    check_keys(d, fields, "the run config")
+    kwargs: Dict[str, Any] = {}
+    for name in _OPEN_SECTIONS:
+        if name in d:
+            v = d.pop(name)
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"config section '{name}' must be a mapping, got {type(v).__name__} {v!r}")
+            kwargs[name] = copy.deepcopy(dict(v))
+    if "method" in kwargs and "name" not in kwargs["method"]:
+        raise ConfigError("config section 'method' needs a 'name' (e.g. simclr)")
+    if "augment" in kwargs and isinstance(kwargs["augment"].get("preset", ""), str) is False:
+        raise ConfigError(f"config key 'augment.preset': expected str, got {kwargs['augment']['preset']!r}")
+    cfg = _build_section(RunConfig, d, "")
+    for k, v in kwargs.items():
+        setattr(cfg, k, v)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: RunConfig) -> None:
+    """Value checks that types alone do not catch."""
+    t = cfg.train
+    if t.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"config key 'train.mixed_precision': expected no, fp16 or bf16, got {t.mixed_precision!r}")
+    if t.device not in ("auto", "cpu"):
+        raise ConfigError(f"config key 'train.device': expected auto or cpu, got {t.device!r}")
+    if t.grad_accum < 1:
+        raise ConfigError(f"config key 'train.grad_accum': must be >= 1, got {t.grad_accum}")
+    if t.steps is not None and t.steps < 1:
+        raise ConfigError(f"config key 'train.steps': must be >= 1, got {t.steps}")
+    if t.checkpoint_every < 0:
+        raise ConfigError(f"config key 'train.checkpoint_every': must be >= 0, got {t.checkpoint_every}")
+    if not 0.0 <= t.bcl_beta < 1.0:
+        raise ConfigError(f"config key 'train.bcl_beta': must be in [0, 1), got {t.bcl_beta}")
+    if cfg.eval.linear_optimizer not in ("adam", "sgd"):
+        raise ConfigError(f"config key 'eval.linear_optimizer': expected adam or sgd, got {cfg.eval.linear_optimizer!r}")
+    if cfg.log.every < 1:
+        raise ConfigError(f"config key 'log.every': must be >= 1, got {cfg.log.every}")
+    if cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"config key 'optim.warmup_steps': must be >= 0, got {cfg.optim.warmup_steps}")
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = (),
+                *, base: Optional[Mapping[str, Any]] = None) -> RunConfig:
+    """Compose ``path`` (or start from ``base``), apply ``overrides``, type-check.
+
+    The run's ``name`` defaults to the config file's stem.
+    """
+    d: Dict[str, Any] = dict(base or {})
+    if path is not None:
+        d = _deep_merge(d, compose(path))
+        d.setdefault("name", Path(path).stem)
+    d = apply_overrides(d, overrides)
+    return from_dict(d)
+
+
+def to_dict(cfg: RunConfig) -> Dict[str, Any]:
+    """Plain nested dict (YAML/JSON-serialisable), the inverse of :func:`from_dict`."""
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
