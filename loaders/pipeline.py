@@ -1,0 +1,147 @@
+"""Build sources, mixture and backend from the ``data:`` section of a config.
+
+.. code-block:: yaml
+
+    data:
+      sources:            # each: a source config (type + its keys) plus mixture keys
+        - {name: real, type: synthetic, n: 5000, dup: 10}
+        - {name: gen, type: synthetic, n: 20000, variant: generated, fraction: 1.0}
+      budget: null        # images to see in total (all ranks); null = unlimited
+      epoch_length: null  # weight mode only: samples per epoch (default: sum of unique counts)
+      seed: 0
+      backend: torch      # torch | dali | ffcv
+      batch_size: 256     # per rank
+      num_workers: 2
+      on_error: raise     # raise | skip
+      image_size: 32      # resize size when crops are not done while decoding
+      crop_in_decode: true
+      pin_memory: false
+      backend_options: {} # extra keyword arguments for the backend (e.g. prefetch_factor)
+
+Per source, the mixture keys ``name``, ``weight``, ``dup`` and ``fraction`` are taken off and
+the rest goes to :func:`loaders.base.build_source`. Sources give either all ``dup`` (missing
+ones count 1) or ``weight`` (missing ones count 1.0), never both.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .base import SOURCES, Source, build_source
+from .crop import CropSpec
+from .errors import ConfigError, check_keys
+from .mixture import Mixture
+
+__all__ = ["build_loader", "build_sources_and_mixture", "DATA_DEFAULTS", "BACKENDS"]
+
+#: the ``data:`` keys and their defaults
+DATA_DEFAULTS: Dict[str, object] = {
+    "sources": None, "budget": None, "epoch_length": None, "seed": 0, "backend": "torch",
+    "batch_size": 256, "num_workers": 2, "on_error": "raise", "image_size": 32,
+    "crop_in_decode": True, "pin_memory": False, "backend_options": None,
+}
+MIXTURE_KEYS = ("name", "weight", "dup", "fraction")
+#: backend name -> (module, class), imported only when chosen
+BACKENDS: Dict[str, Tuple[str, str]] = {
+    "torch": ("loaders.torch_backend", "TorchLoader"),
+    "dali": ("loaders.dali_backend", "DaliLoader"),
+    "ffcv": ("loaders.ffcv_backend", "FFCVLoader"),
+}
+#: built-in source type -> the module that registers it (imported on first use)
+SOURCE_MODULES: Dict[str, str] = {
+    "folder": "loaders.sources", "csv": "loaders.sources", "npz": "loaders.sources",
+    "cifar": "loaders.sources", "synthetic": "loaders.synthetic", "shards": "loaders.shards",
+    "beton": "loaders.beton",
+}
+
+
+def _ensure_registered(kind) -> None:
+    """Import the module of a built-in source type so that it is registered."""
+    if kind in SOURCES:
+        return
+    # an unknown type: register every built-in one, so build_source's error suggests among all
+    modules = [SOURCE_MODULES[kind]] if kind in SOURCE_MODULES else sorted(set(SOURCE_MODULES.values()))
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+def _data_config(data_cfg: Mapping) -> Dict[str, object]:
+    if not isinstance(data_cfg, Mapping):
+        raise ConfigError(f"the data config must be a mapping, got {type(data_cfg).__name__}")
+    check_keys(data_cfg, DATA_DEFAULTS, "data")
+    cfg = {**DATA_DEFAULTS, **data_cfg}
+    if not cfg["sources"] or not isinstance(cfg["sources"], Sequence) or isinstance(cfg["sources"], str):
+        raise ConfigError("data.sources must be a non-empty list of source configs")
+    return cfg
+
+
+def build_sources_and_mixture(data_cfg: Mapping) -> Tuple[List[Source], Mixture]:
+    """Sources (in config order) and their :class:`Mixture` from a ``data:`` mapping."""
+    cfg = _data_config(data_cfg)
+    sources, names, weights, dups, fractions = [], [], [], [], []
+    for i, scfg in enumerate(cfg["sources"]):
+        if not isinstance(scfg, Mapping):
+            raise ConfigError(f"data.sources[{i}] must be a mapping, got {scfg!r}")
+        scfg = dict(scfg)
+        name = str(scfg.pop("name", f"{scfg.get('type', 'source')}{i}"))
+        weights.append(scfg.pop("weight", None))
+        dups.append(scfg.pop("dup", None))
+        fractions.append(scfg.pop("fraction", None))
+        where = f"data.sources[{i}] ('{name}')"
+        if isinstance(scfg.get("type"), str):
+            _ensure_registered(scfg["type"])
+        try:
+            src = build_source(scfg)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
+        except TypeError as e:  # a missing/wrong constructor argument
+            raise ConfigError(f"{where}: {e}") from e
+        src.name = name
+        sources.append(src)
+        names.append(name)
+    has_w = [w is not None for w in weights]
+    has_d = [d is not None for d in dups]
+    if any(has_w) and any(has_d):
+        raise ConfigError(f"data.sources mix 'weight' ({[n for n, h in zip(names, has_w) if h]}) and 'dup' "
+                          f"({[n for n, h in zip(names, has_d) if h]}): use one mode for all sources")
+    try:
+        mixture = Mixture(
+            [len(s) for s in sources],
+            weights=[1.0 if w is None else w for w in weights] if any(has_w) else None,
+            dups=[1 if d is None else d for d in dups] if any(has_d) else None,
+            fractions=fractions, budget=cfg["budget"], epoch_length=cfg["epoch_length"],
+            seed=cfg["seed"], names=names)
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from e
+    return sources, mixture
+
+
+def build_loader(data_cfg: Mapping, *, crops: Optional[Sequence[CropSpec]] = None, rank: int = 0,
+                 world_size: int = 1):
+    """The backend loader for a ``data:`` mapping.
+
+    ``crops`` (from ``Augment.crop_specs``) are done while decoding when ``crop_in_decode`` is
+    true; otherwise the backend emits one view resized to ``image_size`` and the device crops.
+    """
+    cfg = _data_config(data_cfg)
+    backend = cfg["backend"]
+    if backend not in BACKENDS:
+        check_keys({backend: None}, BACKENDS, "data.backend values")
+    if cfg["on_error"] not in ("raise", "skip"):
+        raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {cfg['on_error']!r}")
+    options = dict(cfg["backend_options"] or {})
+    sources, mixture = build_sources_and_mixture(data_cfg)
+    module, cls_name = BACKENDS[backend]
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except ImportError as e:
+        raise ConfigError(f"data.backend '{backend}' is unavailable: {e}") from e
+    use_crops = list(crops) if (crops and cfg["crop_in_decode"]) else None
+    return cls(sources, mixture, batch_size=cfg["batch_size"], crops=use_crops,
+               resize=None if use_crops else cfg["image_size"], rank=rank, world_size=world_size,
+               num_workers=cfg["num_workers"], seed=cfg["seed"], on_error=cfg["on_error"],
+               pin_memory=cfg["pin_memory"], **options)
