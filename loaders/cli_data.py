@@ -36,9 +36,18 @@ Run = Callable[[argparse.Namespace], int]
 DATA_COMMANDS: "OrderedDict[str, tuple]" = OrderedDict()
 
 
-def register_data_command(name: str, add_args_fn: AddArgs, run_fn: Run, *, help: str = "") -> None:
-    """Add ``fastssl data NAME``: ``add_args_fn(parser)`` declares its arguments, ``run_fn(args)``
-    runs it and returns an exit code. Must run before :func:`add_subcommands`."""
+#: modules of other parts that register data commands on import (imported by add_subcommands)
+PLUGIN_MODULES = ("loaders.beton",)
+
+
+def register_data_command(name: str, add_args_fn, run_fn: Optional[Run] = None, *, help: str = "") -> None:
+    """Add ``fastssl data NAME``.
+
+    With ``run_fn``: ``add_args_fn(parser)`` declares the arguments of the ``NAME`` parser and
+    ``run_fn(args)`` runs it, returning an exit code. Without ``run_fn``: ``add_args_fn(subparsers)``
+    adds the ``NAME`` parser itself and sets its ``func`` default. Either way errors become
+    exit code 2. Must run before :func:`add_subcommands` (or live in :data:`PLUGIN_MODULES`).
+    """
     if name in DATA_COMMANDS:
         raise ValueError(f"data command '{name}' registered twice")
     DATA_COMMANDS[name] = (help, add_args_fn, run_fn)
@@ -63,13 +72,29 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     """
     p = subparsers.add_parser("data", help="convert, generate and inspect data sources",
                               description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="data_command", metavar="COMMAND")
+    _add_commands(p)
+    return p
+
+
+def _add_commands(parser: argparse.ArgumentParser) -> None:
+    import importlib
+    for module in PLUGIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:  # that part (or its optional dependency) is not installed
+            print(f"note: data commands of {module} unavailable ({e})", file=sys.stderr)
+    sub = parser.add_subparsers(dest="data_command", metavar="COMMAND")
     sub.required = True
     for name, (help_, add_args, run_fn) in DATA_COMMANDS.items():
+        if run_fn is None:
+            add_args(sub)
+            sp = sub.choices.get(name)
+            if sp is not None and sp.get_default("func") is not None:
+                sp.set_defaults(func=_guarded(sp.get_default("func")))
+            continue
         sp = sub.add_parser(name, help=help_, description=help_)
         add_args(sp)
         sp.set_defaults(func=_guarded(run_fn))
-    return p
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,11 +270,15 @@ register_data_command("info", _add_info_args, run_info, help="length, label hist
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loaders.cli_data")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    """``python -m loaders.cli_data COMMAND ...`` (the same commands as ``fastssl data``)."""
+    parser = argparse.ArgumentParser(prog="python -m loaders.cli_data", description=__doc__.split("\n\n")[0])
+    _add_commands(parser)
     args = parser.parse_args(argv)
     return args.func(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module's main, so commands registered by other modules (which import
+    # ``loaders.cli_data``, not ``__main__``) are present
+    from loaders.cli_data import main as _main
+    sys.exit(_main())
