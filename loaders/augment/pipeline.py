@@ -1,0 +1,357 @@
+"""The augmentation engine: ``Augment(views, mean=..., std=...)`` and YAML presets.
+
+One :class:`ViewSpec` per output view says what that view does, in torchvision's order:
+random-resized-crop -> horizontal flip -> RandomApply(ColorJitter) -> RandomGrayscale ->
+RandomApply(GaussianBlur) -> RandomSolarize -> RandAugment -> normalize.
+
+``aug(batch, step=s)`` draws every random number for view ``v`` from a ``torch.Generator`` on
+the batch's device seeded with ``(seed, s, v)``: the same seed and step give identical views
+(also after a restart, without saving RNG state), every sample and every view gets its own
+parameters, and nothing depends on the number of data workers.
+
+Presets are YAML files in ``configs/augment/{name}.yaml`` (a preset is data: write a new YAML
+to add one)::
+
+    mean: [0.4914, 0.4822, 0.4465]
+    std: [0.2470, 0.2435, 0.2616]
+    defaults: {size: 32, scale: [0.08, 1.0], jitter_p: 0.8, brightness: 0.8, ...}
+    views:                      # each entry: ViewSpec keys overriding `defaults`, plus `count`
+      - {count: 2}
+
+``Augment.from_preset(name, **overrides)`` accepts any ViewSpec key (applied to every view),
+``mean``/``std``/``seed``, and two ablation shortcuts (REFERENCE.md §1):
+``crop_min_scale=s`` (scale = (s, max)) and ``jitter_strength=s``
+(brightness, contrast, saturation, hue = s * (0.8, 0.8, 0.8, 0.2)).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ..batch import Batch
+from ..crop import CropSpec
+from ..errors import ConfigError, check_keys
+from . import functional as AF
+from . import params as P
+from .randaugment import RandAugmentSpec, apply_randaugment, sample_randaugment
+
+__all__ = ["ViewSpec", "Augment", "PRESET_DIR", "list_presets", "load_preset_config", "load_grid",
+           "JITTER_BASE"]
+
+#: configs/ at the repository root
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "augment"
+#: the colour-jitter vector that ``jitter_strength`` scales (SimCLR; REFERENCE.md §1)
+JITTER_BASE = (0.8, 0.8, 0.8, 0.2)
+_INTERP = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What one output view does. Probabilities are in [0, 1]; sizes in pixels.
+
+    ``size``/``scale``/``ratio``/``interpolation``/``antialias``: random-resized-crop to
+    ``size x size`` (torchvision's ``RandomResizedCrop``); ``flip``: horizontal-flip
+    probability; ``jitter_p`` and ``brightness``/``contrast``/``saturation``/``hue``:
+    ``RandomApply([ColorJitter(b, c, s, h)], p=jitter_p)``; ``grayscale``: RandomGrayscale
+    probability; ``blur_p``/``blur_sigma``/``blur_kernel``: ``RandomApply([GaussianBlur(k,
+    sigma)])`` with ``k = blur_kernel`` or, when None, :func:`~loaders.augment.functional.
+    blur_kernel_size` of ``size`` (23 at 224 px, 5 at 32 px); ``solarize``: RandomSolarize(128)
+    probability; ``randaugment``: :class:`RandAugmentSpec` or None; ``count``: how many views
+    of this kind (multi-crop).
+    """
+
+    size: int = 224
+    scale: Tuple[float, float] = (0.08, 1.0)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    flip: float = 0.5
+    jitter_p: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    grayscale: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    blur_kernel: Optional[int] = None
+    solarize: float = 0.0
+    randaugment: Optional[RandAugmentSpec] = None
+    count: int = 1
+
+    def __post_init__(self):
+        for name in ("flip", "jitter_p", "grayscale", "blur_p", "solarize"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"view key '{name}' is a probability in [0, 1], got {v}")
+        if self.interpolation not in _INTERP:
+            raise ConfigError(f"view key 'interpolation' must be one of {_INTERP}, got {self.interpolation!r}")
+        if self.size <= 0 or self.count < 1:
+            raise ConfigError(f"view size must be > 0 and count >= 1, got size={self.size} count={self.count}")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ConfigError(f"view key 'scale' must satisfy 0 < min <= max, got {self.scale}")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError(f"view key 'blur_sigma' must satisfy 0 < min <= max, got {self.blur_sigma}")
+        if self.blur_kernel is not None and (self.blur_kernel < 1 or self.blur_kernel % 2 == 0):
+            raise ConfigError(f"view key 'blur_kernel' must be odd and positive, got {self.blur_kernel}")
+        P.jitter_ranges(self.brightness, self.contrast, self.saturation, self.hue)  # validates
+
+    @property
+    def crop_spec(self) -> CropSpec:
+        return CropSpec(size=self.size, scale=tuple(self.scale), ratio=tuple(self.ratio),
+                        interpolation=self.interpolation)
+
+    @property
+    def kernel_size(self) -> int:
+        return self.blur_kernel if self.blur_kernel is not None else AF.blur_kernel_size(self.size)
+
+    @classmethod
+    def keys(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_config(cls, cfg: Mapping, where: str = "view") -> "ViewSpec":
+        check_keys(cfg, cls.keys(), where)
+        kw = dict(cfg)
+        for k in ("scale", "ratio", "blur_sigma"):
+            if k in kw:
+                kw[k] = tuple(float(x) for x in kw[k])
+        ra = kw.get("randaugment")
+        if ra is not None and not isinstance(ra, RandAugmentSpec):
+            kw["randaugment"] = RandAugmentSpec.from_config(ra, f"{where}.randaugment")
+        try:
+            return cls(**kw)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{where}: {e}") from e
+
+
+def list_presets() -> List[str]:
+    """Names of the YAML presets in ``configs/augment/`` (grid files excluded)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("grid"))
+
+
+def load_preset_config(name: str) -> Dict[str, Any]:
+    """The mapping stored in ``configs/augment/{name}.yaml``."""
+    import yaml
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        check_keys({name: None}, list_presets(), f"augmentation presets ({PRESET_DIR})")
+        raise ConfigError(f"augmentation preset file {path} does not exist")
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(cfg).__name__}")
+    return cfg
+
+
+def load_grid(name: str) -> Dict[str, Any]:
+    """An ablation grid from ``configs/augment/grids.yaml``: ``{"preset": ..., "override": key,
+    "values": [...]}``; build each point with ``Augment.from_preset(preset, **{key: value})``."""
+    grids = load_preset_config("grids")
+    if name not in grids:
+        check_keys({name: None}, grids, f"{PRESET_DIR / 'grids.yaml'}")
+    return grids[name]
+
+
+_TOP_KEYS = ("mean", "std", "seed", "defaults", "views", "description", "reference")
+
+
+class Augment:
+    """Batched per-sample augmentation of uint8 ``Batch`` views on their device.
+
+    ``views``: one :class:`ViewSpec` per kind of output view (``count`` expands it);
+    ``mean``/``std``: per-channel normalisation on the ``[0, 1]`` scale; ``seed``: base seed.
+    """
+
+    def __init__(self, views: Sequence[ViewSpec], *, mean: Sequence[float], std: Sequence[float],
+                 seed: int = 0):
+        if not views:
+            raise ConfigError("Augment needs at least one view")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ConfigError(f"mean/std must have 3 values and std > 0, got mean={mean} std={std}")
+        self.specs: List[ViewSpec] = [v for v in views for _ in range(v.count)]
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.seed = int(seed)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, cfg: Mapping, *, where: str = "augment") -> "Augment":
+        """Build from a mapping with keys ``mean``, ``std``, ``seed``, ``defaults``, ``views``."""
+        check_keys(cfg, _TOP_KEYS, where)
+        for k in ("mean", "std"):
+            if k not in cfg:
+                raise ConfigError(f"{where}: missing key '{k}'")
+        defaults = dict(cfg.get("defaults") or {})
+        check_keys({k: v for k, v in defaults.items()}, ViewSpec.keys(), f"{where}.defaults")
+        entries = cfg.get("views") or [{}]
+        views = []
+        for i, entry in enumerate(entries):
+            merged = {**defaults, **(entry or {})}
+            views.append(ViewSpec.from_config(merged, f"{where}.views[{i}]"))
+        return cls(views, mean=cfg["mean"], std=cfg["std"], seed=int(cfg.get("seed", 0)))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Augment":
+        """Load ``configs/augment/{name}.yaml`` and apply ``overrides`` (see module docstring)."""
+        cfg = load_preset_config(name)
+        return cls.from_config(apply_overrides(cfg, overrides, where=f"preset '{name}' overrides"),
+                               where=f"{PRESET_DIR / (name + '.yaml')}")
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_views(self) -> int:
+        return len(self.specs)
+
+    @property
+    def crop_specs(self) -> List[CropSpec]:
+        """One :class:`~loaders.crop.CropSpec` per output view, for backends that crop while decoding."""
+        return [s.crop_spec for s in self.specs]
+
+    def __repr__(self) -> str:
+        return f"Augment(num_views={self.num_views}, sizes={[s.size for s in self.specs]}, seed={self.seed})"
+
+    # ------------------------------------------------------------------ the engine
+
+    def view(self, img: torch.Tensor, spec: ViewSpec, *, g: torch.Generator,
+             strength: Optional[torch.Tensor] = None, crop: bool = True) -> torch.Tensor:
+        """Augment one view: ``img`` ``uint8 [B,3,H,W]`` -> ``float32 [B,3,size,size]``
+        normalised. Parameters are drawn from ``g`` in a fixed order."""
+        B, _, H, W = img.shape
+        # 1. random-resized-crop (or, for pre-cropped input, a plain resize if sizes differ)
+        if crop:
+            boxes = P.sample_crop_boxes(B, H, W, scale=spec.scale, ratio=spec.ratio, g=g)
+        else:
+            boxes = torch.tensor([[0, 0, H, W]], device=img.device).expand(B, 4)
+        if not crop and H == spec.size and W == spec.size:
+            x = AF.to_float(img)
+        else:
+            x = AF.resized_crop(img, boxes, spec.size, mode=spec.interpolation, antialias=spec.antialias)
+        # draw all coin flips up front (fixed order = determinism independent of which ops fire)
+        flip = P.bernoulli(B, spec.flip, g)
+        jit = P.sample_jitter(B, brightness=spec.brightness, contrast=spec.contrast,
+                              saturation=spec.saturation, hue=spec.hue, p=spec.jitter_p, g=g)
+        gray = P.bernoulli(B, spec.grayscale, g)
+        blur = P.bernoulli(B, spec.blur_p, g)
+        sigma = P.uniform(B, spec.blur_sigma[0], spec.blur_sigma[1], g)
+        sol = P.bernoulli(B, spec.solarize, g)
+        ra = (sample_randaugment(B, spec.randaugment, strength=strength, g=g)
+              if spec.randaugment is not None else None)
+        # 2. flip
+        if spec.flip > 0:
+            x = AF.hflip(x, flip)
+        # 3. colour jitter in a per-sample random order
+        if spec.jitter_p > 0:
+            x = self._jitter(x, spec, jit)
+        # 4. grayscale
+        if spec.grayscale > 0:
+            x = AF.grayscale(x, gray)
+        # 5. blur
+        if spec.blur_p > 0:
+            k = spec.kernel_size
+            x = AF.masked_apply(x, blur, lambda t, s: AF.gaussian_blur(t, s, k), sigma)
+        # 6. solarize (threshold 128 on the uint8 scale)
+        if spec.solarize > 0:
+            x = AF.solarize(x, 128.0 / 255.0, sol)
+        # 7. RandAugment
+        if ra is not None:
+            x = apply_randaugment(x, spec.randaugment, ra)
+        # 8. normalise
+        return AF.normalize(x, self.mean, self.std)
+
+    @staticmethod
+    def _jitter(x: torch.Tensor, spec: ViewSpec, jit: P.JitterParams) -> torch.Tensor:
+        ops = (
+            (spec.brightness, AF.adjust_brightness),
+            (spec.contrast, AF.adjust_contrast),
+            (spec.saturation, AF.adjust_saturation),
+            (spec.hue, AF.adjust_hue),
+        )
+        # Position by position: each sample runs op order[i, pos] there. Each op touches only the
+        # samples that have it at this position (masked_apply), so the four positions together
+        # cost about one pass of each op, not four. Ops with strength 0 are skipped, as in
+        # torchvision (ColorJitter(0, ...) has no brightness op).
+        for pos in range(4):
+            which = jit.order[:, pos]
+            for k, (strength, fn) in enumerate(ops):
+                if strength == 0:
+                    continue
+                x = AF.masked_apply(x, jit.apply & (which == k), fn, jit.factors[:, k])
+        return x
+
+    def __call__(self, batch: Batch, *, step: int, strength: Optional[torch.Tensor] = None,
+                 crop: bool = True) -> Batch:
+        """Augment ``batch`` (uint8 views) at training step ``step``.
+
+        Input views: 1 -> every output view is derived from it; ``num_views`` -> one to one.
+        ``strength``: ``float [B]`` in [0, 1] for RandAugment views (BCL), None otherwise.
+        ``crop=False``: the input views are already cropped (crop-in-decode; one per output view).
+        Returns a Batch with ``num_views`` ``float32`` normalised views on the batch's device.
+        """
+        n_in = len(batch.views)
+        if crop:
+            if n_in not in (1, self.num_views):
+                raise ValueError(f"Augment with {self.num_views} views got a batch with {n_in} views "
+                                 f"(expected 1 or {self.num_views})")
+        elif n_in != self.num_views:
+            raise ValueError(f"Augment(crop=False) needs one pre-cropped input view per output view: "
+                             f"{self.num_views} expected, got {n_in}")
+        B = len(batch)
+        if strength is not None:
+            strength = torch.as_tensor(strength, dtype=torch.float32, device=batch.device).reshape(-1)
+            if strength.shape[0] != B:
+                raise ValueError(f"strength has {strength.shape[0]} values for a batch of {B}")
+        out = []
+        for v, spec in enumerate(self.specs):
+            img = batch.views[v if n_in > 1 else 0]
+            g = P.make_generator(img.device, self.seed, step, v)
+            out.append(self.view(img, spec, g=g, strength=strength, crop=crop))
+        return batch.with_views(out)
+
+
+def apply_overrides(cfg: Mapping, overrides: Mapping, *, where: str = "overrides") -> Dict[str, Any]:
+    """A copy of preset ``cfg`` with ``overrides`` applied (see the module docstring)."""
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
+    allowed = ("mean", "std", "seed", "crop_min_scale", "jitter_strength", *ViewSpec.keys())
+    check_keys(overrides, allowed, where)
+    ov = dict(overrides)
+    view_ov: Dict[str, Any] = {}
+    for k in ("mean", "std", "seed"):
+        if k in ov:
+            cfg[k] = ov.pop(k)
+    if "crop_min_scale" in ov:
+        s = float(ov.pop("crop_min_scale"))
+        view_ov["_crop_min_scale"] = s
+    if "jitter_strength" in ov:
+        s = float(ov.pop("jitter_strength"))
+        for key, base in zip(("brightness", "contrast", "saturation", "hue"), JITTER_BASE):
+            view_ov[key] = s * base
+    view_ov.update(ov)
+    if not view_ov:
+        return cfg
+    defaults = dict(cfg.get("defaults") or {})
+    views = [dict(v or {}) for v in (cfg.get("views") or [{}])]
+
+    def patch(d: Dict[str, Any]) -> None:
+        for k, v in view_ov.items():
+            if k == "_crop_min_scale":
+                hi = (d.get("scale") or defaults.get("scale") or (0.08, 1.0))[1]
+                d["scale"] = [v, hi]
+            else:
+                d[k] = v
+
+    patch(defaults)
+    for v in views:
+        # a view only needs patching where it overrides the defaults itself
+        if any(k in v for k in view_ov) or ("_crop_min_scale" in view_ov and "scale" in v):
+            patch(v)
+    cfg["defaults"], cfg["views"] = defaults, views
+    return cfg
