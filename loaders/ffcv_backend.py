@@ -1,0 +1,316 @@
+"""FFCV backend: ``.beton`` files read in the mixture's order, decoded once, cropped per view.
+
+Why not ``ffcv.loader.Loader`` itself: it reads one file, splits its traversal order into
+fixed chunks and gives its decoders only the sample ids of a batch. A mixture needs several
+files interleaved by the plan, and the crop boxes of batch ``b`` must be a function of the
+batch's position (``loaders.crop.rrc_params`` seeded by ``(seed, rank, position)``, shared with
+the torch and DALI backends) for exact resume; neither fits the Loader's ``TraversalOrder`` +
+``Operation`` interfaces (an Operation cannot receive per-batch parameters). So this module
+keeps FFCV's file format, reader and execution model and drives it by the plan:
+
+* the files are memory mapped (FFCV's ``os_cache`` mode; the page cache holds hot data);
+* one numba kernel per batch, ``nogil`` and ``prange`` over samples on ``num_workers`` threads,
+  calls FFCV's compiled turbojpeg decoder (``ffcv.libffcv.imdecode``) **once per sample** into a
+  reused scratch buffer and then cuts every view's crop with FFCV's OpenCV crop+resize
+  (``ffcv.libffcv.resize_crop``, area interpolation) straight into the batch, plus the flips;
+  raw-mode samples are cropped from the map without a copy;
+* samples from several files are grouped per file (one kernel call per file in the batch);
+* a background thread prepares ``prefetch`` batches ahead (the kernel releases the GIL).
+
+Views are ``uint8 [B, 3, S, S]`` tensors in channels-last memory (a permuted view of the
+``[B, S, S, 3]`` batch buffer, no copy: ``.contiguous()`` if a consumer needs NCHW memory).
+Colour augmentation is the device engine's job (``aug(batch, step=..., crop=False)``).
+Crop interpolation is OpenCV's area filter whatever ``CropSpec.interpolation`` says.
+
+FFCV's own Loader stays available for single-file throughput baselines:
+:func:`ffcv_native_loader` (``RandomResizedCropRGBImageDecoder`` + flip, FFCV's RNG, no mixture).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .base import Source
+from .batch import Batch
+from .beton import MODE_JPG, BetonSource, require_ffcv
+from .crop import CropSpec
+from .dali_backend import PlanLoader
+from .errors import ConfigError, DataError, SampleError
+
+__all__ = ["FFCVLoader", "ffcv_native_loader", "decode_views_kernel"]
+
+_KERNEL = None
+
+
+def decode_views_kernel():
+    """The compiled batch kernel (built once per process; numba compile ~seconds).
+
+    ``kernel(mm, ptr, size, mode, height, width, rows, boxes, flips, out, offsets, out_h, out_w,
+    scratch, status)``: for each of the ``n`` samples of one file (``ptr``/``size``/``mode``/
+    ``height``/``width`` ``[n]``), decode once into ``scratch[i]`` then, for each view ``v``,
+    crop ``boxes[i, v]`` = (top, left, h, w) and resize to ``out_h[v] x out_w[v]`` into the
+    flat ``out`` buffer at ``offsets[v] + rows[i] * out_h[v] * out_w[v] * 3``, flipping
+    horizontally where ``flips[i, v]``. ``status[rows[i]]`` is set to 1 when decoding fails.
+    """
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    require_ffcv()
+    import numba
+    from ffcv.libffcv import imdecode, resize_crop
+
+    imdecode_c = numba.njit(nogil=True)(imdecode)
+    resize_crop_c = numba.njit(nogil=True)(resize_crop)
+
+    @numba.njit(nogil=True, parallel=True)
+    def kernel(mm, ptr, size, mode, height, width, rows, boxes, flips, out, offsets, out_h, out_w, scratch,
+               status):
+        n = ptr.shape[0]
+        V = offsets.shape[0]
+        for i in numba.prange(n):
+            h = np.int64(height[i])
+            w = np.int64(width[i])
+            data = mm[ptr[i]:ptr[i] + size[i]]
+            if mode[i] == 0:  # JPEG: decode the whole image once, crop every view from it
+                buf = scratch[i, :h * w * 3]
+                rc = imdecode_c(data, buf, h, w, h, w, 0, 0, 1, 1, False, False)
+                if rc != 0:
+                    status[rows[i]] = 1
+                    continue
+                img = buf.reshape(h, w, 3)
+            else:  # raw HWC bytes straight from the memory map
+                img = data[:h * w * 3].reshape(h, w, 3)
+            for v in range(V):
+                oh = out_h[v]
+                ow = out_w[v]
+                start = offsets[v] + rows[i] * oh * ow * 3
+                dst = out[start:start + oh * ow * 3].reshape(oh, ow, 3)
+                t = boxes[i, v, 0]
+                l = boxes[i, v, 1]
+                resize_crop_c(img, t, t + boxes[i, v, 2], l, l + boxes[i, v, 3], dst)
+                if flips[i, v]:
+                    for r in range(oh):
+                        for c in range(ow // 2):
+                            for ch in range(3):
+                                tmp = dst[r, c, ch]
+                                dst[r, c, ch] = dst[r, ow - 1 - c, ch]
+                                dst[r, ow - 1 - c, ch] = tmp
+
+    _KERNEL = kernel
+    return kernel
+
+
+class FFCVLoader(PlanLoader):
+    """Plan-driven loader over ``.beton`` sources (:class:`~loaders.beton.BetonSource`).
+
+    Shared Loader arguments (see :class:`~loaders.dali_backend.PlanLoader`) plus keyword-only
+    ``flip`` (random horizontal flip p=0.5 per view, drawn with the batch's own generator, for a
+    "crop+flip only" pipeline) and ``prefetch`` (batches prepared ahead by a background thread).
+    ``num_workers`` is the number of decode threads (numba ``prange``; 0 or 1 = one thread).
+    """
+
+    backend = "ffcv"
+
+    def __init__(self, sources: Sequence[Source], mixture, *, batch_size, crops=None, resize=None, rank=0,
+                 world_size=1, num_workers=2, seed=0, on_error="raise", pin_memory=False, flip: bool = False,
+                 prefetch: int = 2):
+        require_ffcv()
+        bad = [f"{getattr(s, 'name', '?')} ({type(s).__name__})" for s in sources if not isinstance(s, BetonSource)]
+        if bad:
+            raise ConfigError(f"the ffcv backend reads .beton sources only; not: {', '.join(bad)} "
+                              f"(convert with `fastssl data beton` / loaders.beton.to_beton, or use backend "
+                              f"torch or dali)")
+        super().__init__(sources, mixture, batch_size=batch_size, crops=crops, resize=resize, rank=rank,
+                         world_size=world_size, num_workers=num_workers, seed=seed, on_error=on_error,
+                         pin_memory=pin_memory)
+        self.flip = bool(flip)
+        self.prefetch = max(1, int(prefetch))
+        files = [s.file for s in self.sources]
+        # scratch for one decoded image per batch row: allocated once, reused by every batch
+        max_pixels = max(int((f.height * f.width).max()) for f in files)
+        self._scratch = np.empty((self.batch_size, max_pixels * 3), np.uint8)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[str], *, batch_size: int, budget: Optional[int] = None,
+                   weights: Optional[Sequence[float]] = None, seed: int = 0, **kwargs) -> "FFCVLoader":
+        """Loader straight from ``.beton`` paths (benchmarks): one source per file, a mixture by
+        ``weights`` (default: every sample once per epoch), ``budget`` images (default one pass)."""
+        from .mixture import Mixture
+        sources = [BetonSource(p) for p in paths]
+        sizes = [len(s) for s in sources]
+        mix = Mixture(sizes, weights=weights, budget=budget if budget is not None else sum(sizes), seed=seed,
+                      names=[s.name for s in sources])
+        return cls(sources, mix, batch_size=batch_size, seed=seed, **kwargs)
+
+    # -- one batch -------------------------------------------------------------------------------
+    def _view_shapes(self, heights: np.ndarray, widths: np.ndarray, where: str) -> List[Tuple[int, int]]:
+        if self.crops:
+            return [(c.size, c.size) for c in self.crops]
+        if self.resize:
+            return [(self.resize, self.resize)]
+        if len(heights) and ((heights != heights[0]).any() or (widths != widths[0]).any()):
+            k = int(np.flatnonzero((heights != heights[0]) | (widths != widths[0]))[0])
+            raise DataError(f"{where}: images of different sizes ({heights[0]}x{widths[0]} and "
+                            f"{heights[k]}x{widths[k]}) in one batch: set a resize (data.image_size) or crops")
+        return [(int(heights[0]), int(widths[0]))] if len(heights) else [(1, 1)]
+
+    def make_batch(self, plan, b: int) -> Optional[Batch]:
+        """Batch ``b`` after ``plan``'s cursor (``None`` when every sample was skipped)."""
+        src, sample, index = plan.batch(b)
+        files = [s.file for s in self.sources]
+        # writer-marked bad samples (index field -1) are known before decoding
+        bad = np.array([files[s].sample_index[i] < 0 for s, i in zip(src.tolist(), sample.tolist())], bool)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            if self.on_error == "raise":
+                s = self.sources[int(src[k])]
+                raise SampleError(f"{s.describe(int(sample[k]))}: the sample could not be decoded when the file "
+                                  f"was written", path=str(s.path), index=int(sample[k]))
+        keep = np.flatnonzero(~bad)
+        src, sample, index = src[keep], sample[keep], index[keep]
+        n = len(src)
+        skipped = int(bad.sum())
+        if n == 0:
+            return None
+        heights = np.empty(n, np.int64)
+        widths = np.empty(n, np.int64)
+        for s in np.unique(src):  # metadata gathers, vectorised per file
+            sel = src == s
+            heights[sel] = files[s].height[sample[sel]]
+            widths[sel] = files[s].width[sample[sel]]
+        shapes = self._view_shapes(heights, widths, f"ffcv batch {b}")
+        V = len(shapes)
+        if self.crops:
+            boxes = np.stack(self.crop_boxes(plan, b, heights, widths), axis=1)  # [n, V, 4]
+        else:  # the whole image, resized (or copied when the size already matches)
+            boxes = np.zeros((n, V, 4), np.int64)
+            boxes[:, :, 2] = heights[:, None]
+            boxes[:, :, 3] = widths[:, None]
+        rng = self.aux_rng(plan, b)
+        flips = (rng.random((n, V)) < 0.5) if self.flip else np.zeros((n, V), bool)
+        out_h = np.array([h for h, _ in shapes], np.int64)
+        out_w = np.array([w for _, w in shapes], np.int64)
+        per = out_h * out_w * 3 * n
+        offsets = np.concatenate([[0], np.cumsum(per)[:-1]]).astype(np.int64)
+        # a fresh output per batch (np.empty: no zeroing): the yielded tensors stay valid while the
+        # next batch is decoded; only the scratch buffer is reused
+        out = np.empty(int(per.sum()), np.uint8)
+        status = np.zeros(n, np.uint8)
+        kernel = decode_views_kernel()
+        for s in np.unique(src):
+            rows = np.flatnonzero(src == s)
+            f = files[s]
+            idx = sample[rows]
+            kernel(np.asarray(f.mmap), f.data_ptr[idx], f.data_size[idx], f.mode[idx], heights[rows], widths[rows],
+                   rows.astype(np.int64), np.ascontiguousarray(boxes[rows]), flips[rows].astype(np.uint8), out,
+                   offsets, out_h, out_w, self._scratch, status)
+        failed = np.flatnonzero(status)
+        if len(failed):
+            k = int(failed[0])
+            s = self.sources[int(src[k])]
+            if self.on_error == "raise":
+                raise SampleError(f"{s.describe(int(sample[k]))}: JPEG data cannot be decoded",
+                                  path=str(s.path), index=int(sample[k]))
+            skipped += len(failed)
+        ok = status == 0
+        labels = np.empty(n, np.int64)
+        for s in np.unique(src):
+            sel = src == s
+            labels[sel] = files[s].labels[sample[sel]]
+        views = []
+        for v, (h, w) in enumerate(shapes):
+            arr = out[offsets[v]:offsets[v] + per[v]].reshape(n, h, w, 3)
+            t = torch.from_numpy(arr)
+            if len(failed):
+                t = t[torch.from_numpy(ok)]
+            views.append(t.permute(0, 3, 1, 2))
+        if int(ok.sum()) == 0:
+            return Batch(views=[torch.empty(0, 3, 1, 1, dtype=torch.uint8)], index=torch.empty(0, dtype=torch.int64),
+                         source=torch.empty(0, dtype=torch.int64), label=torch.empty(0, dtype=torch.int64),
+                         skipped=skipped, meta={"backend": "ffcv", "batch": b, "empty": True})
+        batch = Batch(views=views, index=torch.from_numpy(index[ok]), source=torch.from_numpy(src[ok]),
+                      label=torch.from_numpy(labels[ok]), skipped=skipped, meta={"backend": "ffcv", "batch": b})
+        return batch.pin_memory() if self.pin_memory and torch.cuda.is_available() else batch
+
+    # -- iteration: a producer thread keeps `prefetch` batches ready --------------------------------
+    def _batches(self, plan):
+        import numba
+        numba.set_num_threads(max(1, min(self.num_workers, numba.config.NUMBA_NUM_THREADS)))
+        q: "queue.Queue" = queue.Queue(self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for b in self._batch_ids(plan):
+                    if stop.is_set():
+                        return
+                    item = self.make_batch(plan, b)
+                    q.put(("batch", item, b))
+                q.put(("end", None, None))
+            except Exception as e:  # handed to the consumer, which re-raises it in its thread
+                q.put(("error", e, None))
+
+        # single worker: no thread (deterministic stack traces, easier debugging)
+        if self.num_workers <= 1 and self.prefetch <= 1:
+            for b in self._batch_ids(plan):
+                item = self.make_batch(plan, b)
+                if item is not None and not item.meta.get("empty"):
+                    yield item
+            return
+        th = threading.Thread(target=produce, name="ffcv-loader", daemon=True)
+        th.start()
+        try:
+            while True:
+                kind, item, b = q.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise item
+                if item is None or item.meta.get("empty"):
+                    continue
+                yield item
+        finally:
+            stop.set()
+            while th.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    pass
+                th.join(timeout=0.05)
+
+
+def ffcv_native_loader(path: str, *, batch_size: int, crop: CropSpec, num_workers: int = 2, seed: int = 0,
+                       order: str = "random", flip: bool = True, distributed: bool = False, drop_last: bool = True):
+    """FFCV's own ``Loader`` on one ``.beton`` (single file; FFCV's RNG; no mixture, no resume).
+
+    Throughput baseline: ``RandomResizedCropRGBImageDecoder`` (+ ``RandomHorizontalFlip``),
+    ``ToTensor``/``ToTorchImage`` -> uint8 ``[B, 3, S, S]``. Iterating yields ``(images, labels)``.
+    """
+    require_ffcv()
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+
+    image = [RandomResizedCropRGBImageDecoder((crop.size, crop.size), scale=tuple(crop.scale),
+                                              ratio=tuple(crop.ratio))]
+    if flip:
+        image.append(RandomHorizontalFlip())
+    image += [ToTensor(), ToTorchImage()]
+    orders = {"random": OrderOption.RANDOM, "sequential": OrderOption.SEQUENTIAL}
+    if order not in orders:
+        raise ConfigError(f"ffcv_native_loader: order must be one of {sorted(orders)}, got {order!r}")
+    f = BetonSource(path).file  # validates the file; other fields (e.g. index) are not decoded
+    from ffcv.reader import Reader
+    names = Reader(str(path)).field_names
+    pipelines = {name: None for name in names}
+    pipelines[f.image_field] = image
+    if "label" in names:
+        pipelines["label"] = [IntDecoder(), ToTensor(), Squeeze()]
+    return Loader(str(Path(path)), batch_size=batch_size, num_workers=max(1, num_workers), order=orders[order],
+                  seed=seed, pipelines=pipelines, distributed=distributed, drop_last=drop_last)
