@@ -271,8 +271,8 @@ class ViewRecipe:
     ``crop`` random-resized-crop; ``flip`` probability; colour jitter applied with probability
     ``jitter`` and strengths ``brightness``/``contrast``/``saturation`` (factor ~ U(1-x, 1+x))
     and ``hue`` (shift ~ U(-x, x) of a full turn); ``gray`` probability; Gaussian blur with
-    probability ``blur``, sigma ~ U(``blur_sigma``) pixels, window ``blur_kernel`` (0: ~10% of
-    the output size, odd); ``solarize`` probability (pixels >= 128 inverted); ``mean``/``std``
+    probability ``blur``, sigma ~ U(``blur_sigma``) pixels, window ``blur_kernel`` (0: the
+    engine's ``blur_kernel_size`` of the crop size); ``solarize`` probability (pixels >= 128 inverted); ``mean``/``std``
     in [0, 1] units for the final normalisation.
     """
 
@@ -292,63 +292,37 @@ class ViewRecipe:
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     def kernel(self) -> int:
-        k = self.blur_kernel or int(0.1 * self.crop.size)
-        return max(3, k | 1)
-
-
-def _get(obj, *names, default=None):
-    """First attribute or mapping key of ``obj`` among ``names`` (adapter over engine objects)."""
-    for n in names:
-        if isinstance(obj, dict) and n in obj:
-            return obj[n]
-        if hasattr(obj, n):
-            return getattr(obj, n)
-    return default
+        if self.blur_kernel:
+            return int(self.blur_kernel)
+        return max(3, 2 * int(round(self.crop.size * 11.0 / 224.0)) + 1)  # the engine's rule
 
 
 def recipes_from_augment(augment) -> List[ViewRecipe]:
-    """Map an engine augmentation (a preset name, an ``loaders.augment.Augment`` or a list of
-    :class:`ViewRecipe`) to DALI view recipes; raise ConfigError for ops DALI lacks."""
+    """Map the engine's augmentation to DALI view recipes.
+
+    ``augment``: a preset name (``configs/augment/{name}.yaml``), an
+    :class:`loaders.augment.Augment` (one recipe per output view, ``count`` expanded) or a list
+    of :class:`ViewRecipe`. A view with RandAugment raises ConfigError: DALI lacks its ops, so run
+    that preset with ``augment=None`` and the engine after the loader.
+    """
     if isinstance(augment, (list, tuple)) and all(isinstance(r, ViewRecipe) for r in augment):
         return list(augment)
+    from .augment import Augment  # the engine's preset schema (no heavy dependencies)
     if isinstance(augment, str):
-        from .augment import Augment
         augment = Augment.from_preset(augment)
-    views = _get(augment, "views", "view_specs")
-    crops = list(_get(augment, "crop_specs", default=[]) or [])
-    if views is None:
-        raise ConfigError(f"cannot read the view specs of {type(augment).__name__} for DALI")
+    if not isinstance(augment, Augment):
+        raise ConfigError(f"DALI augment must be a preset name, an Augment or a list of ViewRecipe, "
+                          f"got {type(augment).__name__}")
     recipes = []
-    for k, v in enumerate(views):
-        crop = _get(v, "crop", "crop_spec") or (crops[k] if k < len(crops) else None)
-        if not isinstance(crop, CropSpec):
-            raise ConfigError(f"view {k} of the augmentation has no CropSpec for DALI")
-        for op in ("randaugment", "rand_augment", "equalize"):
-            val = _get(v, op)
-            if val:
-                raise ConfigError(f"view {k} uses '{op}', which the DALI graph lacks: build the DALI loader "
-                                  f"with augment=None and let the engine run the recipe (aug(batch, crop=False))")
-        jit = _get(v, "jitter", "color_jitter")
-        jp = float(_get(v, "jitter_p", "jitter_prob", default=_get(jit, "p", "prob", default=0.0) if jit is not None else 0.0))
-        js = _get(jit, "brightness", default=None) if jit is not None else None
-        blur = _get(v, "blur")
+    for k, v in enumerate(augment.specs):
+        if v.randaugment is not None:
+            raise ConfigError(f"view {k} uses RandAugment, which the DALI graph lacks: build the DALI loader "
+                              f"with augment=None and run the engine after it (aug(batch, step=..., crop=False))")
         recipes.append(ViewRecipe(
-            crop=crop,
-            flip=float(_get(v, "flip", "flip_p", default=0.5)),
-            jitter=jp,
-            brightness=float(js if js is not None else 0.0),
-            contrast=float(_get(jit, "contrast", default=0.0) if jit is not None else 0.0),
-            saturation=float(_get(jit, "saturation", default=0.0) if jit is not None else 0.0),
-            hue=float(_get(jit, "hue", default=0.0) if jit is not None else 0.0),
-            gray=float(_get(v, "gray", "grayscale", "gray_p", default=0.0)),
-            blur=float(_get(v, "blur_p", default=_get(blur, "p", "prob", default=0.0) if blur is not None and
-                            not isinstance(blur, (int, float)) else (blur or 0.0))),
-            blur_sigma=tuple(_get(v, "blur_sigma", default=_get(blur, "sigma", default=(0.1, 2.0))
-                                  if blur is not None and not isinstance(blur, (int, float)) else (0.1, 2.0))),
-            solarize=float(_get(v, "solarize", "solarize_p", default=0.0) or 0.0),
-            mean=tuple(_get(v, "mean", default=_get(augment, "mean", default=(0.485, 0.456, 0.406)))),
-            std=tuple(_get(v, "std", default=_get(augment, "std", default=(0.229, 0.224, 0.225)))),
-        ))
+            crop=v.crop_spec, flip=v.flip, jitter=v.jitter_p, brightness=v.brightness, contrast=v.contrast,
+            saturation=v.saturation, hue=v.hue, gray=v.grayscale, blur=v.blur_p,
+            blur_sigma=tuple(v.blur_sigma), blur_kernel=v.kernel_size, solarize=v.solarize,
+            mean=augment.mean, std=augment.std))
     return recipes
 
 
@@ -374,7 +348,12 @@ def _draw_recipe_params(rng: np.random.Generator, r: ViewRecipe, n: int) -> dict
             "sigma": sigma.astype(f32), "solarize": sol.astype(np.uint8), "flip": flip.astype(np.int32)}
 
 
-_RECIPE_KEYS = ("brightness", "contrast", "saturation", "hue", "blur", "sigma", "solarize", "flip")
+def _recipe_keys(r: ViewRecipe) -> Tuple[str, ...]:
+    """The per-sample parameters view recipe ``r`` feeds to the graph (unused ops send none)."""
+    keys = ("brightness", "contrast", "saturation", "hue")
+    keys += ("blur", "sigma") if r.blur > 0 else ()
+    keys += ("solarize",) if r.solarize > 0 else ()
+    return keys + ("flip",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,7 +438,7 @@ class DaliLoader(PlanLoader):
             if self.recipes is not None:
                 for r in self.recipes:
                     p = _draw_recipe_params(rng, r, n)
-                    out += [list(p[k]) for k in _RECIPE_KEYS]
+                    out += [list(p[k]) for k in _recipe_keys(r)]
             else:
                 for _ in views:
                     fl = (rng.random(n) < 0.5) if self.flip else np.zeros(n, bool)
@@ -475,7 +454,7 @@ class DaliLoader(PlanLoader):
 
         views = self._views_spec()
         n_out = 2 + (2 * len(views) if self.crops else 0) + \
-            (len(_RECIPE_KEYS) * len(views) if self.recipes is not None else len(views))
+            (sum(len(_recipe_keys(r)) for r in self.recipes) if self.recipes is not None else len(views))
         layouts = ["HWC" if self.raw else ""] + [""] * (n_out - 1)
         interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
 
@@ -504,7 +483,8 @@ class DaliLoader(PlanLoader):
                 base = 2 * len(views) if self.crops else 0
                 if self.recipes is not None:
                     r = self.recipes[k]
-                    p = dict(zip(_RECIPE_KEYS, rest[base + k * len(_RECIPE_KEYS): base + (k + 1) * len(_RECIPE_KEYS)]))
+                    first = base + sum(len(_recipe_keys(q)) for q in self.recipes[:k])
+                    p = dict(zip(_recipe_keys(r), rest[first:first + len(_recipe_keys(r))]))
                     v = fn.color_twist(v, brightness=p["brightness"], contrast=p["contrast"],
                                        saturation=p["saturation"], hue=p["hue"])
                     if r.blur > 0:
