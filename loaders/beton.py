@@ -31,7 +31,7 @@ import numpy as np
 from .base import Source, register_source
 from .errors import ConfigError, DataError, SampleError
 
-__all__ = ["to_beton", "BetonFile", "BetonSource", "require_ffcv", "add_beton_command"]
+__all__ = ["to_beton", "BetonFile", "BetonSource", "require_ffcv", "add_beton_command", "run_beton"]
 
 #: FFCV's ``RGBImageField`` storage modes (``ffcv.fields.rgb_image.IMAGE_MODES``)
 MODE_JPG, MODE_RAW = 0, 1
@@ -275,43 +275,39 @@ class BetonSource(Source):
 
 
 # --------------------------------------------------------------------------------------------
-# command line: `fastssl data beton SOURCE_CONFIG OUT.beton`
+# command line: `fastssl data beton --source SPEC --out OUT.beton`
 # --------------------------------------------------------------------------------------------
 
-def add_beton_command(subparsers) -> None:
-    """Add ``beton`` to an argparse sub-command group: convert a source (YAML/JSON config or a
-    ``.npz``/folder path) to a ``.beton`` file."""
-    p = subparsers.add_parser("beton", help="convert a source to an FFCV .beton file")
-    p.add_argument("source", help="source config as YAML/JSON text or file (e.g. '{type: npz, path: x.npz}')")
-    p.add_argument("out", help="output .beton path")
-    p.add_argument("--fmt", choices=("jpg", "raw"), default="jpg")
-    p.add_argument("--max-resolution", type=int, default=None)
-    p.add_argument("--quality", type=int, default=90)
-    p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-    p.set_defaults(func=_run_beton_command)
+def add_beton_command(p) -> None:
+    """Arguments of ``fastssl data beton`` (any source -> one ``.beton`` file)."""
+    p.add_argument("--source", required=True, help="type=folder,root=DIR style spec or a YAML file")
+    p.add_argument("--out", required=True, help="output .beton path")
+    p.add_argument("--format", default="jpg", choices=["jpg", "raw"],
+                   help="jpg (quality --quality) or raw uncompressed pixels (default jpg)")
+    p.add_argument("--max-resolution", type=int, default=None, help="cap the longer side (pixels)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--workers", type=int, default=None, help="writer processes (default: cores, at most 8)")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="unreadable samples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _run_beton_command(args) -> int:
-    import yaml
-
-    from .base import build_source
-    text = Path(args.source).read_text() if Path(args.source).is_file() else args.source
-    cfg = yaml.safe_load(text)
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"fastssl data beton: source must be a mapping with a 'type', got {args.source!r}")
-    out = to_beton(build_source(cfg), args.out, fmt=args.fmt, max_resolution=args.max_resolution,
-                   quality=args.quality, num_workers=args.num_workers, on_error=args.on_error)
+def run_beton(args) -> int:
+    from .cli_data import load_source
+    src = load_source(args.source)
+    out = to_beton(src, args.out, fmt=args.format, max_resolution=args.max_resolution, quality=args.quality,
+                   num_workers=args.workers, on_error=args.on_error, progress=not args.no_progress)
     print(f"wrote {out} ({len(BetonFile(out))} samples)")
     return 0
 
 
 def _register_cli() -> None:
-    try:  # the data CLI is another module of this package; it may not define the hook
-        from .cli_data import register_data_command
+    try:  # the data CLI is another part of the package; keep .beton usable without it
+        from .cli_data import DATA_COMMANDS, register_data_command
     except ImportError:
         return
-    register_data_command("beton", add_beton_command)
+    if "beton" not in DATA_COMMANDS:
+        register_data_command("beton", add_beton_command, run_beton,
+                              help="convert any source to an FFCV .beton file")
 
 
 _register_cli()
