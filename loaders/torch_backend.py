@@ -72,8 +72,13 @@ def _as_pil(img):
 
 
 def _hwc_to_batch(out: np.ndarray) -> torch.Tensor:
-    # one batched HWC->CHW copy is cheaper than B strided per-sample copies
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    """uint8 [B,H,W,3] -> contiguous uint8 [B,3,H,W].
+
+    Speed: one batched copy beats B strided per-sample copies; numpy's single-threaded
+    transpose copy is ~3x faster than torch's ``permute().contiguous()`` on uint8 here and
+    never competes for cores with intra-op threads (20x slower in-process on a busy machine).
+    """
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
 
 
 class BatchMaker:
@@ -128,8 +133,8 @@ class BatchMaker:
             S = spec.size
             resample = _pil_resample(spec.interpolation)
             out = np.empty((n, S, S, 3), np.uint8)  # preallocated; filled in place
-            for i in range(n):
-                top, left, h, w = boxes[i].tolist()
+            flat = out.reshape(n, S * S * 3)
+            for i, (top, left, h, w) in enumerate(boxes.tolist()):
                 img = images[i]
                 # crop, then resize (torchvision's resized_crop exactly; PIL's resize(box=) would
                 # let the filter read pixels outside the box). Arrays are sliced before the PIL
@@ -139,10 +144,12 @@ class BatchMaker:
                     if h == S and w == S:
                         out[i] = crop  # no resample needed: exact copy
                         continue
-                    crop = Image.fromarray(np.ascontiguousarray(crop))
+                    # speed: frombuffer/tobytes skip PIL's __array_interface__ handling (~30% of a
+                    # 32 px view's cost in fromarray/asarray)
+                    crop = Image.frombuffer("RGB", (w, h), np.ascontiguousarray(crop), "raw", "RGB", 0, 1)
                 else:
                     crop = img.crop((left, top, left + w, top + h))
-                out[i] = np.asarray(crop.resize((S, S), resample))
+                flat[i] = np.frombuffer(crop.resize((S, S), resample).tobytes(), np.uint8)
             views.append(_hwc_to_batch(out))
         return views
 
