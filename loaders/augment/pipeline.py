@@ -257,7 +257,7 @@ class Augment:
         # 5. blur
         if spec.blur_p > 0:
             k = spec.kernel_size
-            x = AF.masked_apply(x, blur, lambda t, s: AF.gaussian_blur(t, s, k), sigma)
+            x = AF.masked_apply(x, blur, lambda t, s: AF.gaussian_blur(t, s, k), sigma, inplace=True)
         # 6. solarize (threshold 128 on the uint8 scale)
         if spec.solarize > 0:
             x = AF.solarize(x, 128.0 / 255.0, sol)
@@ -284,7 +284,7 @@ class Augment:
             for k, (strength, fn) in enumerate(ops):
                 if strength == 0:
                     continue
-                x = AF.masked_apply(x, jit.apply & (which == k), fn, jit.factors[:, k])
+                x = AF.masked_apply(x, jit.apply & (which == k), fn, jit.factors[:, k], inplace=True)
         return x
 
     def __call__(self, batch: Batch, *, step: int, strength: Optional[torch.Tensor] = None,

@@ -215,5 +215,5 @@ def apply_randaugment(img: torch.Tensor, spec: RandAugmentSpec,
             mask = fire & (op == o)
             img = AF.masked_apply(
                 img, mask, lambda x, v, c, _name=name: apply_op(x, _name, v, c),
-                params.value[:, j], params.centre[:, j])
+                params.value[:, j], params.centre[:, j], inplace=True)
     return img
