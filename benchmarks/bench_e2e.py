@@ -1,0 +1,188 @@
+"""``fastssl bench e2e``: training samples/sec of one method + backbone fed by the real data path,
+against the same step on synthetic input already on the device (the model-only ceiling).
+
+Three variants, measured in interleaved rounds (each: warm-up steps, then a timed window):
+
+* ``model-only``  -- the training step (forward both views, loss, backward, optimiser step) on
+  random normalised views resident on the device: what the model can do when data is free;
+* ``real``        -- the same step fed by our loader (decode + crop in its workers), the
+  augmentation engine on the device, ``Batch.to(device)`` in between;
+* ``loader-only`` -- the same loader + augmentation with no model: what the data path can deliver.
+
+``real / model-only`` near 1 means compute-bound (the data path keeps up); well below 1 means
+data-bound. On a CPU-only machine the loader's workers and the model share the same cores, so
+``real`` is below both; on a GPU machine the two run on different hardware.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+
+from .bench_loader import Variant, close_iter, measure_rounds
+from .common import write_record
+from .data import make_bench_data
+
+__all__ = ["run", "train_step", "verdict", "add_arguments", "from_args"]
+
+
+def build_model(*, method: str, backbone: str, width: int, cifar_stem: bool, device: str, views: int):
+    """(method module on ``device``, optimiser) with the method's published optimiser settings."""
+    import torch  # noqa: F401
+    from fastssl.methods import build_method, METHODS
+    from fastssl.models import build_backbone
+    from fastssl.optim import build_optimizer
+
+    net, feat = build_backbone(backbone, cifar_stem=cifar_stem, width=width)
+    m = build_method(method, backbone=net, feat_dim=feat).to(device)
+    d = dict(getattr(METHODS[method], "defaults", {}))
+    opt_kw = {k: d[k] for k in ("momentum", "eta", "clip") if k in d}
+    opt = build_optimizer(d.get("optimizer", "sgd"), m.param_groups(), lr=d.get("lr", 0.1),
+                          weight_decay=d.get("weight_decay", 0.0), **opt_kw)
+    m.train()
+    return m, opt
+
+
+def train_step(model, opt, views) -> None:
+    """One optimisation step on ``views`` (list of float ``[B,3,H,W]`` on the model's device)."""
+    out = model(views)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    opt.step()
+    model.update_momentum(0.5)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def model_only(model, opt, *, batch_size: int, size: int, views: int, device: str,
+               seed: int = 0) -> Iterator[Tuple[None, int]]:
+    """Endless training steps on fixed random views already on ``device``."""
+    import torch
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    vs = [torch.randn(batch_size, 3, size, size, generator=g).to(device) for _ in range(views)]
+    while True:
+        train_step(model, opt, vs)
+        _sync(device)
+        yield None, batch_size
+
+
+def real_data(source_cfg: Dict, *, model, opt, augment, crops, batch_size: int, num_workers: int, size: int,
+              device: str, seed: int = 0) -> Iterator[Tuple[None, int]]:
+    """Endless training steps (or, with ``model=None``, loader + augmentation only) on real data."""
+    from loaders.pipeline import build_loader
+    cfg = {"sources": [dict(source_cfg)], "seed": seed, "backend": "torch", "batch_size": batch_size,
+           "num_workers": num_workers, "on_error": "raise", "image_size": size, "crop_in_decode": True,
+           "pin_memory": device.startswith("cuda")}
+    loader = build_loader(cfg, crops=crops)
+    it = iter(loader)
+    try:
+        for step, batch in enumerate(it):
+            batch = augment(batch.to(device, non_blocking=True), step=step, crop=False)
+            if model is not None:
+                train_step(model, opt, batch.views)
+            _sync(device)
+            yield None, len(batch)
+    finally:
+        close_iter(it)
+        del it, loader
+
+
+def verdict(real: float, model: float, loader: Optional[float] = None) -> Dict:
+    """``data-bound`` or ``compute-bound`` from the medians, with the ratio that decides it."""
+    r = real / model
+    out = {"kind": "verdict", "real_over_model_only": r,
+           "bound": "compute-bound" if r >= 0.9 else "data-bound",
+           "text": (f"compute-bound: real data reaches {100 * r:.0f}% of the model-only rate" if r >= 0.9 else
+                    f"data-bound: real data reaches {100 * r:.0f}% of the model-only rate "
+                    f"(the model idles ~{100 * (1 - r):.0f}% of the time)")}
+    if loader:
+        out["loader_over_model_only"] = loader / model
+    return out
+
+
+def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, cifar_stem: bool = True,
+        dataset: str = "cifar", n: int = 2048, fmt: str = "shards", batch_size: Optional[int] = None,
+        num_workers: Optional[int] = None, views: int = 2, preset: Optional[str] = None, repeats: int = 3,
+        window_s: float = 10.0, warmup: int = 2, device: Optional[str] = None, cache=None, out_dir=None,
+        command: Optional[str] = None, progress: bool = True, seed: int = 0):
+    """Measure model-only, real and loader-only rates; write a record (+ PNG) and return its path."""
+    import torch
+    from .bench_loader import DEFAULT_PRESETS, _augment
+    from .report import plot_record
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batch_size = batch_size or (256 if device.startswith("cuda") else 32)
+    cores = num_workers or len(os.sched_getaffinity(0))
+    data = make_bench_data(dataset, n=n, root=cache, progress=progress)
+    if fmt not in data.formats:
+        fmt = "folder"
+    size = data.out_size
+    preset = preset or DEFAULT_PRESETS[dataset]
+    aug, crops = _augment(preset, size, views)
+    model, opt = build_model(method=method, backbone=backbone, width=width, cifar_stem=cifar_stem,
+                             device=device, views=views)
+    scfg = data.source_config(fmt)
+    variants = [
+        Variant("model-only", "model", lambda: model_only(model, opt, batch_size=batch_size, size=size,
+                                                           views=views, device=device, seed=seed)),
+        Variant(f"real/{fmt}", "e2e", lambda: real_data(scfg, model=model, opt=opt, augment=aug, crops=crops,
+                                                        batch_size=batch_size, num_workers=cores, size=size,
+                                                        device=device, seed=seed)),
+        Variant(f"loader-only/{fmt}", "ours", lambda: real_data(scfg, model=None, opt=None, augment=aug, crops=crops,
+                                                                batch_size=batch_size, num_workers=cores,
+                                                                size=size, device=device, seed=seed)),
+    ]
+    res = measure_rounds(variants, repeats=repeats, seconds=window_s, warmup=warmup, progress=progress)
+    from .common import summarize
+    for v in res.values():
+        if v.get("values"):
+            v.update(summarize(v["values"]))
+    if all(res[k].get("values") for k in ("model-only", f"real/{fmt}")):
+        res["verdict"] = verdict(res[f"real/{fmt}"]["median"], res["model-only"]["median"],
+                                 res[f"loader-only/{fmt}"].get("median"))
+    config = {"method": method, "backbone": backbone, "width": width, "cifar_stem": cifar_stem, "dataset": dataset,
+              "n": n, "view_px": size, "format": fmt, "batch_size": batch_size, "views": views, "num_workers": cores,
+              "device": device, "torch_threads": torch.get_num_threads(), "preset": preset, "repeats": repeats,
+              "window_s": window_s, "warmup_steps": warmup, "generator": data.generator, "seed": seed,
+              "unit": "training samples/s (each sample = `views` views)"}
+    path = write_record("e2e", config=config, results=res, command=command, directory=out_dir or _results())
+    plot_record(path)
+    return path
+
+
+def _results():
+    from .common import RESULTS
+    return RESULTS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="simclr")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--width", type=int, default=64, help="backbone base width (64 = standard ResNet-18)")
+    p.add_argument("--no-cifar-stem", action="store_true", help="ImageNet stem (7x7 conv + max-pool)")
+    p.add_argument("--dataset", default="cifar", help="cifar (32 px) or imagenet (224 px)")
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--format", default="shards", help="shards | npz | folder")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 32 on the CPU")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--window", type=float, default=10.0, help="seconds timed per variant per round")
+    p.add_argument("--warmup", type=int, default=2, help="steps before timing")
+    p.add_argument("--device", default=None)
+    p.add_argument("--preset", default=None, help="default: symmetric (cifar), imagenet_simclr (imagenet)")
+    p.add_argument("--cache", default=None)
+    p.add_argument("--out", default=None)
+
+
+def from_args(args, command: str):
+    return run(method=args.method, backbone=args.backbone, width=args.width, cifar_stem=not args.no_cifar_stem,
+               dataset=args.dataset, n=args.n, fmt=args.format, batch_size=args.batch_size,
+               num_workers=args.workers, repeats=args.repeats, window_s=args.window, warmup=args.warmup,
+               device=args.device, preset=args.preset, cache=args.cache, out_dir=args.out, command=command)
