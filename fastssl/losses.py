@@ -111,7 +111,9 @@ class KeyQueue(nn.Module):
         size = self.queue.shape[0]
         keys = keys[-size:]
         idx = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % size
-        self.queue[idx] = keys
+        # out of place: the old queue may still be saved by autograd for this step's backward
+        # (push runs inside forward); one [size, dim] copy per step is cheap next to the encoders
+        self.queue = self.queue.index_copy(0, idx, keys)
         self.ptr.fill_(int((self.ptr + keys.shape[0]) % size))
 
 
