@@ -22,9 +22,9 @@ draws of source ``s`` per epoch, ``L = sum(c_s)`` the epoch length):
 * **epoch shuffle** -- stream position ``e * L + j`` reads slot ``pi_e(j)``, ``pi_e`` a keyed
   permutation of ``[0, L)`` (key: seed, e).
 
-Keyed permutations are a vectorised balanced Feistel network on the smallest even number of
-bits covering the domain, with cycle-walking back into ``[0, n)`` (the domain is at most 4n, so
-a few walks on average).
+Keyed permutations are a vectorised (unbalanced) Feistel network on the bits covering the
+domain, with cycle-walking back into ``[0, n)`` (the network's domain is < 2n, so under two
+walks on average).
 
 A :class:`Plan` cuts the stream for one rank: rank ``r`` of ``W`` reads global positions
 ``r, r + W, r + 2W, ...`` (disjoint ranks that together cover the plan), in batches of
@@ -86,23 +86,27 @@ def keyed_permutation(x: np.ndarray, n: int, key: np.ndarray, *, rounds: int = _
     x = np.asarray(x, dtype=np.int64)
     if n <= 1:
         return np.zeros_like(x)
-    half = max(1, (int(n - 1).bit_length() + 1) // 2)
-    mask = _U64((1 << half) - 1)
-    shift = _U64(half)
+    # unbalanced Feistel on k = bits(n-1) bits (domain 2^k < 2n: fewer cycle-walks than a
+    # balanced one on an even bit count, whose domain may reach 4n). The value is (hi | lo)
+    # with widths (a, b); a round maps it to (lo | hi ^ F(lo)) with widths (b, a), a bijection.
+    k = max(2, int(n - 1).bit_length())
+    widths = (k - k // 2, k // 2)
     key = np.asarray(key, dtype=_U64)
-    # round keys [rounds, 1 or m]
+    # round keys [rounds][1 or m]
     rkeys = [_splitmix(key ^ _U64((_GOLDEN * (i + 1)) & 0xFFFFFFFFFFFFFFFF)) for i in range(rounds)]
 
     def encrypt(v: np.ndarray, sel) -> np.ndarray:
-        left = v >> shift
-        right = v & mask
+        a, b = widths
         for rk in rkeys:
-            k = rk if rk.shape[0] == 1 or sel is None else rk[sel]
-            left, right = right, left ^ (_splitmix(right ^ k) & mask)
-        return (left << shift) | right
+            kk = rk if rk.shape[0] == 1 or sel is None else rk[sel]
+            hi, lo = v >> _U64(b), v & _U64((1 << b) - 1)
+            f = _splitmix(lo ^ kk) & _U64((1 << a) - 1)
+            v = (lo << _U64(a)) | (hi ^ f)
+            a, b = b, a
+        return v
 
     y = encrypt(x.astype(_U64), None)
-    # cycle-walking: re-encrypt values that left [0, n); the domain is < 4n, so this is short
+    # cycle-walking: re-encrypt values that left [0, n) (each walk succeeds with p > 1/2)
     bad = np.flatnonzero(y >= _U64(n))
     while bad.size:
         y[bad] = encrypt(y[bad], bad)
