@@ -189,3 +189,30 @@ def test_wrong_number_of_views():
     method = tiny_method("simclr")
     with pytest.raises(ValueError, match="needs 2 views"):
         method(make_views(method)[:1])
+
+
+@pytest.mark.parametrize("name,param", [("dino", "head.last_v"), ("swav", "prototypes.layer.weight")])
+def test_early_frozen_layers(name, param):
+    """DINO's last layer and SwAV's prototypes get no gradient during the first ``freeze`` of training."""
+    method = tiny_method(name)
+    views = make_views(method)
+    target = dict(method.named_parameters())[param]
+    method.update_momentum(0.0)
+    method(views).loss.backward()
+    assert target.grad is None
+    method.update_momentum(0.5)
+    method(views).loss.backward()
+    assert target.grad is not None and target.grad.abs().sum() > 0
+
+
+def test_export_unwraps_a_ddp_style_wrapper():
+    from fastssl.models import export_backbone
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    method = tiny_method("byol")
+    state = export_backbone(Wrapper(method))
+    assert state.keys() == method.backbone.state_dict().keys()

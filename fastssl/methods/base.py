@@ -107,12 +107,17 @@ class Method(nn.Module):
         self.tau_base = 0.0
         self.tau_final = 0.0
         self.tau = 0.0
+        #: training progress (step / total) recorded by :meth:`update_momentum`, for schedules
+        #: inside ``forward`` (DINO teacher temperature, frozen last layer / prototypes)
+        self.progress = 0.0
 
     # -- momentum ------------------------------------------------------------------------
     def update_momentum(self, progress: float) -> float:
         """EMA step of every momentum encoder with ``tau = cosine_increase(progress, tau_base, tau_final)``
-        (``progress = step / total_steps``); call after ``optimizer.step()``. Returns tau
-        (0 and no-op for methods without momentum encoders)."""
+        (``progress = step / total_steps``); call after every ``optimizer.step()``. Also records
+        ``self.progress`` for the method's other schedules. Returns tau (0, and no EMA, for
+        methods without momentum encoders)."""
+        self.progress = float(progress)
         if not self.momentum_pairs:
             return 0.0
         self.tau = cosine_increase(progress, self.tau_base, self.tau_final)

@@ -19,9 +19,10 @@ class DINO(Method):
         student_temp: 0.1; teacher_temp: 0.04 → 0.07 over ``teacher_temp_warmup`` of training
             (``warmup_teacher_temp`` → ``teacher_temp``); center_momentum: 0.9.
         tau_base/tau_final: teacher EMA 0.996 → 1.0 (cosine).
+        freeze_last_layer: fraction of training during which the head's last layer gets no
+            gradient (paper: the first epoch; 0.01 = one epoch of a 100-epoch run).
 
-    Set ``method.progress`` (step / total) before ``forward`` for the teacher-temperature
-    schedule; :meth:`update_momentum` does it.
+    The schedules read ``self.progress``, which :meth:`update_momentum` records every step.
     """
 
     num_views = None
@@ -31,14 +32,14 @@ class DINO(Method):
         "exclude_bias_norm": True, "classifier_lr": 0.05,
         "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "norm_last_layer": True,
         "n_global": 2, "student_temp": 0.1, "teacher_temp": 0.07, "warmup_teacher_temp": 0.04,
-        "teacher_temp_warmup": 0.1, "center_momentum": 0.9, "tau_base": 0.996, "tau_final": 1.0,
+        "teacher_temp_warmup": 0.1, "center_momentum": 0.9, "tau_base": 0.996, "tau_final": 1.0, "freeze_last_layer": 0.01,
     }
 
     def __init__(self, *, backbone, feat_dim, out_dim: int = 65536, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, norm_last_layer: bool = True, n_global: int = 2,
                  student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
                  teacher_temp_warmup: float = 0.1, center_momentum: float = 0.9, tau_base: float = 0.996,
-                 tau_final: float = 1.0):
+                 tau_final: float = 1.0, freeze_last_layer: float = 0.01):
         super().__init__(backbone=backbone, feat_dim=feat_dim)
         self.n_global = n_global
         self.head = DINOHead(feat_dim, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
@@ -50,18 +51,15 @@ class DINO(Method):
         self.criterion = DINOLoss(out_dim, n_global=n_global, student_temp=student_temp,
                                   teacher_temp=teacher_temp, warmup_teacher_temp=warmup_teacher_temp,
                                   teacher_temp_warmup=teacher_temp_warmup, center_momentum=center_momentum)
-        self.progress = 0.0
-
-    def update_momentum(self, progress: float) -> float:
-        self.progress = progress
-        return super().update_momentum(progress)
+        self.freeze_last_layer = freeze_last_layer
 
     def forward(self, views: list[torch.Tensor]) -> MethodOutput:
         self.check_views(views)
         if len(views) <= self.n_global:
             raise ValueError(f"DINO needs more than n_global={self.n_global} views, got {len(views)}")
         feats = encode_views(self.backbone, views)
-        student = self.head(torch.cat(feats, dim=0))  # [V*B, out_dim]
+        frozen = self.progress < self.freeze_last_layer  # last layer fixed early on (paper: epoch 1)
+        student = self.head(torch.cat(feats, dim=0), freeze_last_layer=frozen)  # [V*B, out_dim]
         with torch.no_grad():
             teacher = self.teacher_head(torch.cat(encode_views(self.teacher_backbone, views[:self.n_global]), 0))
         loss = self.criterion(student, teacher, progress=self.progress)

@@ -17,6 +17,9 @@ class SwAV(Method):
     Args:
         proj_hidden_dim, proj_output_dim: projector 2048 → 128 (BN, ReLU).
         n_prototypes: 3000; temperature: 0.1; sinkhorn_eps: 0.05; sinkhorn_iters: 3.
+        freeze_prototypes: fraction of training during which the prototypes get no gradient
+            (paper: the first epoch; 0.01 = one epoch of a 100-epoch run). Reads
+            ``self.progress``, which :meth:`update_momentum` records every step.
     """
 
     num_views = None
@@ -25,16 +28,17 @@ class SwAV(Method):
         "optimizer": "lars", "lr": 0.3, "weight_decay": 1e-6, "final_lr": 3e-4, "eta": 0.02,
         "clip": True, "exclude_bias_norm": True, "classifier_lr": 0.05,
         "proj_hidden_dim": 2048, "proj_output_dim": 128, "n_prototypes": 3000, "temperature": 0.1,
-        "sinkhorn_eps": 0.05, "sinkhorn_iters": 3, "n_global": 2,
+        "sinkhorn_eps": 0.05, "sinkhorn_iters": 3, "n_global": 2, "freeze_prototypes": 0.01,
     }
 
     def __init__(self, *, backbone, feat_dim, proj_hidden_dim: int = 2048, proj_output_dim: int = 128,
                  n_prototypes: int = 3000, temperature: float = 0.1, sinkhorn_eps: float = 0.05,
-                 sinkhorn_iters: int = 3, n_global: int = 2):
+                 sinkhorn_iters: int = 3, n_global: int = 2, freeze_prototypes: float = 0.01):
         super().__init__(backbone=backbone, feat_dim=feat_dim)
         self.temperature, self.eps, self.iters, self.n_global = temperature, sinkhorn_eps, sinkhorn_iters, n_global
         self.projector = projection_mlp(feat_dim, proj_hidden_dim, proj_output_dim)
         self.prototypes = Prototypes(proj_output_dim, n_prototypes)
+        self.freeze_prototypes = freeze_prototypes
 
     def forward(self, views: list[torch.Tensor]) -> MethodOutput:
         self.check_views(views)
@@ -44,7 +48,8 @@ class SwAV(Method):
             self.prototypes.normalize()  # keep prototypes on the unit sphere (paper)
         feats = encode_views(self.backbone, views)
         z = F.normalize(self.projector(torch.cat(feats, dim=0)), dim=1)
-        scores = self.prototypes(z).chunk(len(views))  # V x [B, n_prototypes]
+        frozen = self.progress < self.freeze_prototypes
+        scores = self.prototypes(z, frozen=frozen).chunk(len(views))  # V x [B, n_prototypes]
         loss = swav_loss(scores, n_global=self.n_global, temperature=self.temperature,
                          eps=self.eps, iters=self.iters)
         return MethodOutput(loss=loss, features=feats[0].detach(), logs={"swav": loss.detach()})

@@ -115,6 +115,7 @@ def export_backbone(method: nn.Module) -> dict:
     """Plain CPU ``state_dict`` of ``method.backbone`` (the online encoder; ``method`` may also be
     a bare backbone). Loads with ``strict=True`` into a freshly built backbone of the same config,
     or into torchvision's ResNet with ``fc = Identity`` (and the CIFAR stem swapped in)."""
+    method = getattr(method, "module", method)  # unwrap DDP / Accelerate
     backbone = getattr(method, "backbone", method)
-    backbone = getattr(backbone, "module", backbone)  # unwrap DDP
+    backbone = getattr(backbone, "module", backbone)
     return {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}

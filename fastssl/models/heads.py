@@ -72,9 +72,11 @@ class DINOHead(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, freeze_last_layer: bool = False) -> torch.Tensor:
+        """``[B, in_dim]`` → ``[B, out_dim]``; ``freeze_last_layer``: no gradient to the last layer."""
         x = F.normalize(self.mlp(x), dim=-1)
-        weight = self.last_g * F.normalize(self.last_v, dim=1)  # weight norm: g * v / ||v|| per row
+        v, g = (self.last_v.detach(), self.last_g.detach()) if freeze_last_layer else (self.last_v, self.last_g)
+        weight = g * F.normalize(v, dim=1)  # weight norm: g * v / ||v|| per row
         return x @ weight.T
 
 
@@ -93,5 +95,8 @@ class Prototypes(nn.Module):
     def normalize(self) -> None:
         self.layer.weight.copy_(F.normalize(self.layer.weight, dim=1))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, *, frozen: bool = False) -> torch.Tensor:
+        """``[B, dim]`` → ``[B, n_prototypes]``; ``frozen``: no gradient to the prototypes."""
+        if frozen:
+            return F.linear(z, self.layer.weight.detach())
         return self.layer(z)
