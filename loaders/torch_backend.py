@@ -38,15 +38,17 @@ def _pil_resample(name: str):
             "nearest": Image.Resampling.NEAREST}[name]
 
 
-def _open(data: Union[bytes, np.ndarray], *, where: str, index: int):
+def _open(data: Union[bytes, np.ndarray], source: Source, index: int):
     """Decoded sample as a uint8 HWC array (array sources) or an RGB PIL image (encoded bytes).
 
     Speed: encoded images stay PIL images (no ``Image -> ndarray -> Image`` round trip before
-    the crop); arrays are validated by :func:`decode_image` and converted to PIL only if a
-    resample is needed. Raises :class:`SampleError` naming ``where`` for corrupt data.
+    the crop); valid arrays pass straight through, and ``source.describe`` (a string per call)
+    runs only on errors. Raises :class:`SampleError` naming the sample for corrupt data.
     """
     if isinstance(data, np.ndarray):
-        return decode_image(data, path=where, index=index)
+        if data.dtype == np.uint8 and data.ndim == 3 and data.shape[2] == 3:
+            return data
+        return decode_image(data, path=source.describe(index), index=index)  # raises, naming it
     try:
         im = Image.open(io.BytesIO(data))
         im.load()
@@ -54,6 +56,7 @@ def _open(data: Union[bytes, np.ndarray], *, where: str, index: int):
             im = im.convert("RGB")
         return im
     except Exception as e:  # PIL raises many types for corrupt data
+        where = source.describe(index)
         raise SampleError(f"{where}: sample {index} cannot be decoded ({type(e).__name__}: {e})",
                           path=where, index=index) from e
 
@@ -101,12 +104,11 @@ class BatchMaker:
         src, smp, gid = self.plan.batch(b)
         first_item = int(self.plan.samples + b * self.plan.batch_size)
         images, keep, labels = [], [], []
-        for i in range(len(src)):
-            s, j = int(src[i]), int(smp[i])
+        for i, (s, j) in enumerate(zip(src.tolist(), smp.tolist())):
             source = self.sources[s]
             try:
                 data, label = source.read(j)
-                img = _open(data, where=source.describe(j), index=j)
+                img = _open(data, source, j)
             except SampleError:
                 if self.on_error == "raise":
                     raise
