@@ -164,7 +164,10 @@ class FFCVLoader(PlanLoader):
         src, sample, index = plan.batch(b)
         files = [s.file for s in self.sources]
         # writer-marked bad samples (index field -1) are known before decoding
-        bad = np.array([files[s].sample_index[i] < 0 for s, i in zip(src.tolist(), sample.tolist())], bool)
+        bad = np.zeros(len(src), bool)
+        for s in np.unique(src):  # vectorised per file, no per-sample Python
+            sel = src == s
+            bad[sel] = files[s].sample_index[sample[sel]] < 0
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
             if self.on_error == "raise":
