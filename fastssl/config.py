@@ -129,8 +129,9 @@ class EvalConfig:
     batch_size: int = 512
     #: also report kNN of the same encoder at random initialisation
     random_init_baseline: bool = True
-    mean: List[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
-    std: List[float] = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
+    #: normalisation of the eval images (None = the augment preset's mean/std)
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
 
 
 @dataclass

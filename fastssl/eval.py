@@ -280,7 +280,12 @@ def evaluate_checkpoint(path: Union[str, Path], *, data: Optional[Mapping] = Non
     backbone.to(device)
     tr_x, tr_y = source_arrays(build_source(train_cfg), size=ev.image_size, progress=progress)
     te_x, te_y = source_arrays(build_source(test_cfg), size=ev.image_size, progress=progress)
-    kw = dict(mean=ev.mean, std=ev.std, batch_size=ev.batch_size, device=device, progress=progress)
+    mean, std = ev.mean, ev.std
+    if mean is None or std is None:  # the run's augment preset normalised the training views
+        from fastssl.trainer import build_augment
+        aug = build_augment(cfg.augment)
+        mean, std = mean or aug.mean, std or aug.std
+    kw = dict(mean=mean, std=std, batch_size=ev.batch_size, device=device, progress=progress)
     f_tr = extract_features(backbone, tr_x, **kw)
     f_te = extract_features(backbone, te_x, **kw)
     num_classes = int(max(tr_y.max(), te_y.max()) + 1)

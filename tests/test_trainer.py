@@ -1,0 +1,132 @@
+"""Short CPU training runs: the run directory's files, the probe's label -1 handling in the
+loop, BCL's momentum-loss table, and the stop on a non-finite loss."""
+import json
+
+import pytest
+import torch
+
+from fastssl.checkpoint import load_checkpoint
+from fastssl.config import load_config
+from fastssl.metrics_log import read_metrics
+from fastssl.trainer import BCLTable, NonFiniteLoss, train
+
+
+def tiny(tmp_path, *overrides, sources=None):
+    """A run of a few seconds: 16 px synthetic images, ResNet-18 at width 4."""
+    base = {
+        "name": "tiny",
+        "data": {"sources": sources or [{"name": "syn", "type": "synthetic", "n": 64, "size": 16}],
+                 "batch_size": 16, "num_workers": 0, "seed": 0},
+        "augment": {"preset": "symmetric", "size": 16},
+        "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_output_dim": 16},
+        "model": {"width": 4},
+        "optim": {"warmup_steps": 1},
+        "train": {"steps": 4, "checkpoint_every": 2},
+        "eval": {"train": {"type": "synthetic", "n": 40, "size": 16},
+                 "test": {"type": "synthetic", "n": 20, "size": 16, "split": "test"},
+                 "knn_k": 10, "linear_epochs": 2},
+        "log": {"out": str(tmp_path / "run"), "every": 1, "progress": False},
+    }
+    return load_config(None, list(overrides), base=base)
+
+
+def test_short_run_writes_everything(tmp_path):
+    res = train(tiny(tmp_path))
+    run = tmp_path / "run"
+    assert res.run_dir == run and res.step == 4
+    recs = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:
+        assert {"loss", "lr", "images_per_sec", "probe_acc"} <= set(r)
+        assert r["images_seen"] == 16 * r["step"]
+    assert (run / "metrics.csv").read_text().splitlines()[0].startswith("step,")
+    assert (run / "metrics.png").stat().st_size > 1000
+    assert any((run / "tb").iterdir())
+    assert (run / "config.yaml").exists()
+    ck = load_checkpoint(run / "checkpoints" / "step_00000004.pt")
+    assert ck["step"] == 4 and {"model", "optimizer", "probe_optimizer", "loader", "rng", "config"} <= set(ck)
+    assert ck["loader"]["plan"] is not None
+    assert (run / "checkpoints" / "step_00000002.pt").exists()
+    # backbone.pt is a plain state_dict that loads into a freshly built backbone
+    from fastssl.models import build_backbone
+    sd = torch.load(run / "backbone.pt", weights_only=True)
+    fresh, _ = build_backbone("resnet18", cifar_stem=True, width=4)
+    fresh.load_state_dict(sd, strict=True)
+    torch.testing.assert_close(sd, {k: v for k, v in res.method.backbone.state_dict().items()})
+    ev = json.loads((run / "eval.json").read_text())
+    assert 0 <= ev["eval/knn_top1"] <= 1 and ev["eval/chance"] == pytest.approx(0.1)
+    assert "eval/knn_top1_random_init" in ev and "eval/linear_top1" in ev
+
+
+def test_generated_source_is_ignored_by_probe_and_logged_per_source(tmp_path):
+    sources = [{"name": "real", "type": "synthetic", "n": 32, "size": 16},
+               {"name": "gen", "type": "synthetic", "n": 32, "size": 16, "variant": "generated"}]
+    cfg = tiny(tmp_path, "train.steps=3", "eval.enabled=false", "log.indices=true", sources=sources)
+    train(cfg)
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all("loss/real" in r and "loss/gen" in r for r in recs)
+    # indices of generated samples are >= 32 (mixture offsets); the probe saw only real ones
+    idx = [json.loads(line) for line in (tmp_path / "run" / "indices_rank0.jsonl").read_text().splitlines()]
+    assert len(idx) == 3 and all(len(r["index"]) == 16 for r in idx)
+    assert any(i >= 32 for r in idx for i in r["index"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    # SGD at lr 1e30 from step 0: step 1 trains on finite values and is checkpointed, then the
+    # weights overflow and the next loss is NaN/inf
+    cfg = tiny(tmp_path, "optim.name=sgd", "optim.lr=1e30", "optim.warmup_steps=0",
+               "train.checkpoint_every=1", "train.steps=6", "eval.enabled=false")
+    with pytest.raises(NonFiniteLoss) as e:
+        train(cfg)
+    msg = str(e.value)
+    assert "non-finite loss" in msg and "at step 2" in msg
+    good = tmp_path / "run" / "checkpoints" / "step_00000001.pt"
+    assert str(good) in msg
+    ck = load_checkpoint(good)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "checkpoints" / "step_00000002.pt").exists()
+    assert not (tmp_path / "run" / "backbone.pt").exists()
+
+
+def test_cli_non_finite_exit_code(tmp_path, capsys):
+    from fastssl.cli import EXIT_DIVERGED, main
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("defaults: []\n")
+    import yaml
+    from fastssl.config import to_dict
+    d = to_dict(tiny(tmp_path, "optim.name=sgd", "optim.lr=1e30", "optim.warmup_steps=0",
+                     "train.checkpoint_every=1", "train.steps=6", "eval.enabled=false"))
+    cfg.write_text(yaml.safe_dump(d))
+    assert main(["pretrain", str(cfg)]) == EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step_00000001.pt" in err
+
+
+def test_bcl_table_follows_reference_formula():
+    t = BCLTable(5, beta=0.97)
+    t.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0]))   # first sight: m = l
+    torch.testing.assert_close(t.m[:3], torch.tensor([1.0, 2.0, 3.0]))
+    t.update(torch.tensor([0, 3]), torch.tensor([2.0, 4.0]))
+    torch.testing.assert_close(t.m[:4], torch.tensor([0.97 * 1 + 0.03 * 2, 2.0, 3.0, 4.0]))
+    assert torch.all(t.strength(torch.arange(5)) == 0)                 # w starts at 0
+    t.end_epoch()
+    m = t.m[:4]
+    w = (m - m.mean()) / m.std()
+    w = (w / w.abs().max()) / 2 + 0.5
+    torch.testing.assert_close(t.w[:4], w)
+    assert t.w[4] == 0 and t.w.min() >= 0 and t.w.max() <= 1
+    state = t.state_dict()
+    t2 = BCLTable(5)
+    t2.load_state_dict(state)
+    assert torch.equal(t2.m, t.m) and torch.equal(t2.w, t.w)
+
+
+def test_bcl_run_updates_table(tmp_path):
+    # 64 samples, 16 per step: an epoch every 4 steps; strengths are set after step 4
+    cfg = tiny(tmp_path, "train.steps=5", "train.bcl=true", "eval.enabled=false",
+               "augment.preset=bcl", "augment.size=16")
+    train(cfg)
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000005.pt")
+    assert ck["bcl"]["seen"].all()
+    w = ck["bcl"]["w"]
+    assert w.min() >= 0 and w.max() <= 1 and w.std() > 0
