@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastssl.distributed import (all_gather_grad, all_gather_nograd, all_reduce_sum,
-                                 get_rank, get_world_size)
+from fastssl.distributed import all_gather_grad, all_gather_nograd, all_reduce_sum, get_rank
 
 __all__ = [
     "nt_xent",
@@ -114,7 +113,7 @@ class KeyQueue(nn.Module):
         # out of place: the old queue may still be saved by autograd for this step's backward
         # (push runs inside forward); one [size, dim] copy per step is cheap next to the encoders
         self.queue = self.queue.index_copy(0, idx, keys)
-        self.ptr.fill_(int((self.ptr + keys.shape[0]) % size))
+        self.ptr.add_(keys.shape[0]).remainder_(size)  # stays on the device: no host sync
 
 
 def mocov3_infonce(q: torch.Tensor, k: torch.Tensor, *, temperature: float = 0.2) -> torch.Tensor:
