@@ -234,6 +234,13 @@ def _ddp_worker(rank, world, port, z1, z2, out):
             # by the world size, so grad/world must equal the single-process gradient of those rows
             g = torch.cat([a.grad, c.grad])
             results[name] = (float(loss.detach()), (g / world).numpy())
+        # Sinkhorn normalises over the global batch; MoCo v3 uses global in-batch negatives;
+        # the MoCo queue receives every rank's keys in rank order
+        results["sinkhorn"] = L.sinkhorn(torch.tanh(z1[sl]), eps=0.05, iters=3).numpy()
+        results["mocov3"] = float(L.mocov3_infonce(z1[sl], z2[sl], temperature=0.2))
+        queue = L.KeyQueue(16, z1.shape[1])
+        queue.push(z2[sl])
+        results["queue"] = queue.queue[: z2.shape[0]].numpy()
         out[rank] = results
     finally:
         dist.destroy_process_group()
@@ -257,3 +264,10 @@ def test_losses_under_two_process_gloo_equal_single_process():
             sl = slice(r * 4, (r + 1) * 4)
             np.testing.assert_allclose(g[:4], a.grad[sl].numpy(), atol=1e-9, err_msg=name)
             np.testing.assert_allclose(g[4:], c.grad[sl].numpy(), atol=1e-9, err_msg=name)
+    full_q = L.sinkhorn(torch.tanh(z1), eps=0.05, iters=3).numpy()
+    np.testing.assert_allclose(np.concatenate([out[0]["sinkhorn"], out[1]["sinkhorn"]]), full_q, atol=1e-12)
+    mocov3 = np.mean([out[r]["mocov3"] for r in range(2)])
+    assert mocov3 == pytest.approx(L.mocov3_infonce(z1, z2, temperature=0.2).item(), abs=1e-9)
+    keys = torch.nn.functional.normalize(z2, dim=1).numpy()
+    for r in range(2):
+        np.testing.assert_allclose(out[r]["queue"], keys, atol=1e-12)
