@@ -5,7 +5,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MLP", "projection_mlp", "prediction_mlp", "DINOHead", "Prototypes"]
+__all__ = ["MLP", "projection_mlp", "prediction_mlp", "DINOHead", "Prototypes", "freeze_grad"]
+
+
+class _ZeroGrad(torch.autograd.Function):
+    """Identity whose backward returns zeros."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(grad)
+
+
+def freeze_grad(param: torch.Tensor) -> torch.Tensor:
+    """``param`` with a zero gradient. Unlike ``detach()`` the parameter stays in the autograd
+    graph, so DistributedDataParallel (without ``find_unused_parameters``) still sees it used."""
+    return _ZeroGrad.apply(param)
 
 
 class MLP(nn.Sequential):
@@ -73,9 +91,9 @@ class DINOHead(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, *, freeze_last_layer: bool = False) -> torch.Tensor:
-        """``[B, in_dim]`` → ``[B, out_dim]``; ``freeze_last_layer``: no gradient to the last layer."""
+        """``[B, in_dim]`` → ``[B, out_dim]``; ``freeze_last_layer``: zero gradient to the last layer."""
         x = F.normalize(self.mlp(x), dim=-1)
-        v, g = (self.last_v.detach(), self.last_g.detach()) if freeze_last_layer else (self.last_v, self.last_g)
+        v, g = (freeze_grad(self.last_v), freeze_grad(self.last_g)) if freeze_last_layer else (self.last_v, self.last_g)
         weight = g * F.normalize(v, dim=1)  # weight norm: g * v / ||v|| per row
         return x @ weight.T
 
@@ -96,7 +114,7 @@ class Prototypes(nn.Module):
         self.layer.weight.copy_(F.normalize(self.layer.weight, dim=1))
 
     def forward(self, z: torch.Tensor, *, frozen: bool = False) -> torch.Tensor:
-        """``[B, dim]`` → ``[B, n_prototypes]``; ``frozen``: no gradient to the prototypes."""
+        """``[B, dim]`` → ``[B, n_prototypes]``; ``frozen``: zero gradient to the prototypes."""
         if frozen:
-            return F.linear(z, self.layer.weight.detach())
+            return F.linear(z, freeze_grad(self.layer.weight))
         return self.layer(z)
