@@ -84,47 +84,52 @@ def resample_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, out
     ``float32 [B, out_size, in_size]``; row ``i`` holds the weights of output pixel ``i``
     (zero outside the crop, so crop borders are clamped as torch clamps the cropped image).
     ``gain`` multiplies every weight (used to fold the uint8 -> [0, 1] scaling in for free).
+
+    Speed decision: the filter is evaluated only on each output pixel's ``T`` taps
+    (``[B, out, T]``, T = 2..~10) and scattered into the dense matrix, instead of on the dense
+    ``[B, out, in]`` grid (~25x fewer filter evaluations at 224 px).
     """
     if mode not in ("bilinear", "bicubic", "nearest"):
         raise ValueError(f"resample mode must be bilinear, bicubic or nearest, got {mode!r}")
     dev = start.device
+    B = start.shape[0]
     start = start.to(torch.float32).reshape(-1, 1, 1)
     length = length.to(torch.float32).reshape(-1, 1, 1)
     scale = length / out_size                                           # [B,1,1] input px per output px
     i = torch.arange(out_size, device=dev, dtype=torch.float32).reshape(1, -1, 1)
-    x = torch.arange(in_size, device=dev, dtype=torch.float32).reshape(1, 1, -1) - start  # px in crop
     if mode == "nearest":
-        src = torch.minimum(torch.floor(i * scale), length - 1)
-        w = (x == src).to(torch.float32)
+        pos = torch.minimum(torch.floor(i * scale), length - 1)        # [B,out,1]
+        w = torch.ones_like(pos)
     elif antialias:
         # torch's _upsample_*_aa: window [xmin, xmax) around center, filter stretched by the
         # downscale factor, weights renormalised over the window.
+        base = 1.0 if mode == "bilinear" else 2.0
         s = scale.clamp(min=1.0)
-        support = (1.0 if mode == "bilinear" else 2.0) * s
+        support = base * s
         center = scale * (i + 0.5)
         xmin = torch.trunc(center - support + 0.5).clamp(min=0.0)
         xmax = torch.minimum(torch.trunc(center + support + 0.5), length)
-        w = _aa_filter((x - center + 0.5) / s, mode) * ((x >= xmin) & (x < xmax))
+        taps = int(math.ceil(2 * base * max(in_size / out_size, 1.0))) + 2
+        pos = xmin + torch.arange(taps, device=dev, dtype=torch.float32).reshape(1, 1, -1)
+        w = _aa_filter((pos - center + 0.5) / s, mode) * (pos < xmax)
         total = w.sum(-1, keepdim=True)
         w = w / torch.where(total == 0, torch.ones_like(total), total)
     elif mode == "bilinear":
         src = ((i + 0.5) * scale - 0.5).clamp(min=0.0)
         i0 = torch.floor(src)
         lam = src - i0
-        i1 = torch.minimum(i0 + 1.0, length - 1.0)
-        i0 = torch.minimum(i0, length - 1.0)
-        w = (x == i0) * (1.0 - lam) + (x == i1) * lam
+        pos = torch.cat([torch.minimum(i0, length - 1.0), torch.minimum(i0 + 1.0, length - 1.0)], -1)
+        w = torch.cat([1.0 - lam, lam], -1)
     else:  # bicubic, no antialias: 4 taps with clamped indices, a = -0.75
         src = (i + 0.5) * scale - 0.5
         i0 = torch.floor(src)
-        coeffs = _cubic_coeffs(src - i0)
-        w = torch.zeros(start.shape[0], out_size, in_size, device=dev)
-        for k, c in zip((-1.0, 0.0, 1.0, 2.0), coeffs):
-            idx = torch.minimum((i0 + k).clamp(min=0.0), length - 1.0)
-            w = w + (x == idx) * c
-    if gain != 1.0:
-        w = w * gain
-    return w.to(torch.float32)
+        pos = torch.cat([torch.minimum((i0 + k).clamp(min=0.0), length - 1.0) for k in (-1.0, 0.0, 1.0, 2.0)], -1)
+        w = torch.cat(_cubic_coeffs(src - i0), -1)
+    # taps outside the crop carry weight 0 (aa window) or were clamped into it (the others)
+    col = (start + pos.clamp(max=in_size - 1 - 0.0)).clamp(0, in_size - 1).to(torch.int64)
+    out = torch.zeros(B, out_size, in_size, device=dev, dtype=torch.float32)
+    out.scatter_add_(2, col, (w * gain).to(torch.float32))
+    return out
 
 
 def resized_crop(img: torch.Tensor, boxes: torch.Tensor, size: int, *, mode: str = "bilinear",

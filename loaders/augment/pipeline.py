@@ -246,14 +246,16 @@ class Augment:
         ra = (sample_randaugment(B, spec.randaugment, strength=strength, g=g)
               if spec.randaugment is not None else None)
         # 2. flip
+        # (masked_apply rather than a full-batch torch.where: on CPU only the chosen samples are
+        # touched and written back in place; on CUDA it is the sync-free where)
         if spec.flip > 0:
-            x = AF.hflip(x, flip)
+            x = AF.masked_apply(x, flip, lambda t: t.flip(-1), inplace=True)
         # 3. colour jitter in a per-sample random order
         if spec.jitter_p > 0:
             x = self._jitter(x, spec, jit)
         # 4. grayscale
         if spec.grayscale > 0:
-            x = AF.grayscale(x, gray)
+            x = AF.masked_apply(x, gray, AF.grayscale, inplace=True)
         # 5. blur
         if spec.blur_p > 0:
             k = spec.kernel_size
