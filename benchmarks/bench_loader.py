@@ -182,6 +182,17 @@ def _augment(preset: str, size: int, views: int):
 
 
 # ----------------------------------------------------------------------------- per-stage
+def _decode_pil(data):
+    """The torch backend's decode: encoded bytes -> loaded RGB PIL image (arrays pass through)."""
+    if isinstance(data, np.ndarray):
+        return data
+    import io
+    from PIL import Image
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def stage_breakdown(data: BenchData, *, fmt: str, images: int, crops, augment, batch_size: int,
                     repeats: int, device: Optional[str] = None, seed: int = 0) -> Dict[str, Dict]:
     """Per-stage single-core rates (samples/s/core) on ``images`` samples of ``data`` in ``fmt``,
@@ -189,7 +200,7 @@ def stage_breakdown(data: BenchData, *, fmt: str, images: int, crops, augment, b
     backend's own code (``loaders.torch_backend``):
 
     * ``read``    -- ``source.read``: encoded bytes (or arrays for npz);
-    * ``decode``  -- the backend's decode (``_open``: PIL image, or array validation);
+    * ``decode``  -- the backend's decode (PIL open + load to an RGB image; arrays pass);
     * ``crop``    -- ``BatchMaker._crop_views``: rrc boxes for the batch + one crop/resize per view
       and sample, written into the preallocated ``uint8 [B,3,S,S]`` batch;
     * ``augment`` -- ``Augment(batch, crop=False)`` on the CPU (the rest of the recipe);
@@ -202,7 +213,7 @@ def stage_breakdown(data: BenchData, *, fmt: str, images: int, crops, augment, b
     """
     import torch
     from loaders.mixture import Mixture, Plan
-    from loaders.torch_backend import BatchMaker, _open
+    from loaders.torch_backend import BatchMaker
 
     src = data.build_source(fmt)
     plan = Plan(Mixture([len(src)], seed=seed), batch_size=batch_size)
@@ -221,7 +232,7 @@ def stage_breakdown(data: BenchData, *, fmt: str, images: int, crops, augment, b
         raw = [[src.read(int(j))[0] for j in p[1]] for p in plans]
         rec("read", n, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        imgs = [[_open(x, where=fmt, index=0) for x in batch] for batch in raw]
+        imgs = [[_decode_pil(x) for x in batch] for batch in raw]
         rec("decode", n, time.perf_counter() - t0)
         rng = np.random.default_rng([seed, r])
         t0 = time.perf_counter()
@@ -352,12 +363,35 @@ def run(*, sets: Sequence[str] = ("cifar", "imagenet"), n: Optional[Dict[str, in
         views: int = 2, batch_size: Optional[Dict[str, int]] = None, num_workers: Optional[int] = None,
         repeats: int = 3, window_s: float = 3.0, warmup: int = 3, stages: bool = True, stage_images: int = 512,
         preset: Optional[str] = None, cache: Optional[str] = None, out_dir=None, command: Optional[str] = None,
-        progress: bool = True, seed: int = 0) -> "os.PathLike":
-    """Measure every variant on every set; write one record (+ PNG) and return its path."""
-    from .report import plot_record
+        progress: bool = True, seed: int = 0, threads: Optional[int] = None) -> "os.PathLike":
+    """Measure every variant on every set; write one record (+ PNG) and return its path.
+
+    ``threads``: torch intra-op threads of the main process (default: the cores the workers leave,
+    at least 1).
+    """
     n = {"cifar": 4096, "imagenet": 512, **(n or {})}
     batch_size = {"cifar": 256, "imagenet": 64, **(batch_size or {})}
+    import torch
     cores = num_workers or len(os.sched_getaffinity(0))
+    # Speed: the main process runs the augmentation engine while `cores` workers decode. With
+    # torch's default intra-op threads (= cores) the two oversubscribe the cores and OpenMP's
+    # barriers stall: on a loaded 2-core machine the engine ran 8x slower with 2 threads than
+    # with 1. So the main process gets the cores the workers leave (at least 1).
+    threads = threads or max(1, len(os.sched_getaffinity(0)) - cores)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(sets=sets, n=n, modes=modes, backends=backends, formats=formats, baselines=baselines,
+                    views=views, batch_size=batch_size, cores=cores, threads=threads, repeats=repeats,
+                    window_s=window_s, warmup=warmup, stages=stages, stage_images=stage_images, preset=preset,
+                    cache=cache, out_dir=out_dir, command=command, progress=progress, seed=seed)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(*, sets, n, modes, backends, formats, baselines, views, batch_size, cores, threads, repeats, window_s,
+         warmup, stages, stage_images, preset, cache, out_dir, command, progress, seed):
+    from .report import plot_record
     status = {b: s for b, s in backend_status().items() if b in backends}
     results: Dict[str, Dict] = {}
     skipped: Dict[str, str] = {}
@@ -394,7 +428,8 @@ def run(*, sets: Sequence[str] = ("cifar", "imagenet"), n: Optional[Dict[str, in
         tag = f"{datasets[s]['view_px']}px"
         results.update(targets(results, size_tag=tag))
     config = {"sets": datasets, "modes": list(modes), "views": views, "batch_size": batch_size,
-              "num_workers": cores, "repeats": repeats, "window_s": window_s, "warmup_batches": warmup,
+              "num_workers": cores, "main_torch_threads": threads,
+              "ceiling_decoder": B.fastest_decoder(), "repeats": repeats, "window_s": window_s, "warmup_batches": warmup,
               "preset": presets, "backends": status, "skipped": skipped, "seed": seed,
               "unit": "samples/s; each sample delivers `views` views"}
     path = write_record("loader", config=config, results=results, command=command, directory=out_dir or _results())
@@ -426,6 +461,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 at 32 px, 64 at 224 px")
     p.add_argument("--workers", type=int, default=None, help="default: all usable cores")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the main process (default: cores left by the workers, >= 1)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--window", type=float, default=3.0, help="seconds timed per variant per round")
     p.add_argument("--warmup", type=int, default=3, help="batches pulled before timing")
@@ -444,4 +481,4 @@ def from_args(args, command: str) -> "os.PathLike":
                baselines=args.baselines, views=args.views, batch_size=bs, num_workers=args.workers,
                repeats=args.repeats, window_s=args.window, warmup=args.warmup, stages=not args.no_stages,
                stage_images=args.stage_images, preset=args.preset, cache=args.cache, out_dir=args.out,
-               command=command)
+               command=command, threads=args.threads)

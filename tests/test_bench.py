@@ -67,9 +67,12 @@ def test_torchvision_baseline_and_decode_ceiling(data):
     assert all(v.shape == (8, 3, 32, 32) and v.dtype == torch.float32 for v in views)
     assert not torch.equal(views[0], views[1])  # independent random views
     it.close()
-    dec = B.decode_only(data.jpeg_bytes(), workers=1, per_worker=40)
-    assert next(dec) == (None, 40)
-    dec.close()
+    for decoder in ("pil", "auto"):
+        dec = B.decode_only(data.jpeg_bytes(), workers=1, per_worker=40, decoder=decoder)
+        assert next(dec) == (None, 40)
+        dec.close()
+    with pytest.raises(ValueError, match="unknown decoder"):
+        next(B.decode_only(data.jpeg_bytes(), workers=1, per_worker=4, decoder="nope"))
 
 
 @pytest.mark.skipif(not HAS_DALI, reason="nvidia.dali not installed")
