@@ -43,26 +43,27 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
-def _add_optional_group(sub, name: str, module: str, help_text: str) -> None:
-    """Wire ``module.add_subcommands(subparsers)`` under ``fastssl NAME``; if the module is
-    missing, ``fastssl NAME`` explains that instead of failing at import."""
+def _add_optional_group(sub, name: str, module: str, help_text: str, *, owns_group: bool) -> None:
+    """Wire ``module.add_subcommands``; each leaf parser it adds sets ``func``.
+
+    ``owns_group``: the module adds ``fastssl NAME`` itself (``loaders.cli_data``); otherwise it
+    fills the ``fastssl NAME`` group made here (``benchmarks.cli``). If the module cannot be
+    imported, ``fastssl NAME`` says so instead of failing at start-up.
+    """
     try:
         mod = __import__(module, fromlist=["add_subcommands"])
         add = getattr(mod, "add_subcommands")
-    except ImportError as e:
+    except (ImportError, AttributeError) as e:
         p = sub.add_parser(name, help=f"{help_text} (unavailable: {e})")
         p.set_defaults(func=lambda args, _e=e: _unavailable(name, module, _e))
         return
+    if owns_group:
+        add(sub)
+        return
     p = sub.add_parser(name, help=help_text, description=help_text)
     inner = p.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+    inner.required = True
     add(inner)
-    p.set_defaults(func=lambda args, _p=p: _dispatch_or_help(args, _p))
-
-
-def _dispatch_or_help(args, parser) -> int:
-    # the group's own subcommands set their own ``func``; reaching here means none was given
-    parser.print_help()
-    return EXIT_USAGE
 
 
 def _unavailable(name: str, module: str, err: Exception) -> int:
@@ -77,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_pretrain(sub)
     _add_eval(sub)
-    _add_optional_group(sub, "data", "loaders.cli_data", "data tools: convert, inspect and check sources")
-    _add_optional_group(sub, "bench", "benchmarks.cli", "throughput benchmarks of the data path and the model")
+    _add_optional_group(sub, "data", "loaders.cli_data", "data tools: convert, inspect and check sources",
+                        owns_group=True)
+    _add_optional_group(sub, "bench", "benchmarks.cli", "throughput benchmarks of the data path and the model",
+                        owns_group=False)
     return parser
 
 

@@ -44,6 +44,12 @@ def test_help_lists_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "CHECKPOINT" in capsys.readouterr().out
+    # the data and bench groups are wired to their owners' sub-commands
+    from fastssl.cli import build_parser
+    groups = build_parser()._subparsers._group_actions[0].choices
+    for group in ("data", "bench"):
+        inner = [a for a in groups[group]._actions if a.__class__.__name__ == "_SubParsersAction"]
+        assert inner and inner[0].choices, f"fastssl {group} has no sub-commands"
 
 
 def _assert_clean_error(rc, err, out_dir, *needles):
