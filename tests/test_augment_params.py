@@ -150,3 +150,18 @@ def test_randaugment_strength_zero_untouched_one_changed():
     changed8 = (out8 != img8).flatten(1).any(1)[n // 2:]
     posterize = prm.op[n // 2:, 0] == OPS.index("posterize")
     assert torch.equal(changed8, ~posterize)
+
+
+def test_randaugment_per_sample_number_of_ops():
+    n = 3000
+    g = torch.Generator().manual_seed(2)
+    spec = RandAugmentSpec.from_config({"num_ops": [1, 3], "magnitude": 9, "p": 1.0})
+    assert spec.ops_range == (1, 3)
+    prm = sample_randaugment(n, spec, strength=None, g=g)
+    k = prm.fire.sum(1)
+    assert prm.fire[:, 0].all()                              # at least lo ops
+    assert ((prm.fire[:, 1:].int().diff(dim=1) <= 0).all())  # slots fill from the front
+    _, counts = np.unique(k.numpy(), return_counts=True)
+    assert len(counts) == 3 and stats.chisquare(counts).pvalue > ALPHA
+    with pytest.raises(Exception, match="num_ops"):
+        RandAugmentSpec.from_config({"num_ops": [3, 1]})

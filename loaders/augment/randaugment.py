@@ -23,17 +23,18 @@ cutout         (0, 0.4)        square side as a fraction of the width, grey (125
 
 Geometric ops use nearest sampling and black fill (PIL's defaults in the original code).
 
-Per sample ``i`` and slot ``j < num_ops``: op ~ U(pool), it fires with probability ``p_i``
+Per sample ``i`` and slot ``j < k_i``: op ~ U(pool), it fires with probability ``p_i``
 and uses magnitude ``m_i``. With a BCL strength ``w_i`` in ``[0, 1]``: ``p_i = w_i`` and
 ``m_i = min_m + (max_m - min_m) * w_i`` (``num_ops = 1``, min 10) or
 ``m_i = min_m + (max_m - min_m) * w_i * U(0, 1)`` (``num_ops = 2``, min 5,
 ``scale_by_uniform``). Without a strength, a fixed ``magnitude`` and ``p`` are used.
+``k_i`` is ``num_ops``, or drawn per sample from ``U{lo, ..., hi}`` when ``num_ops = [lo, hi]``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -64,7 +65,8 @@ _CUTOUT_FILL = (125 / 255, 123 / 255, 114 / 255)
 class RandAugmentSpec:
     """RandAugment settings of one view (see the module docstring)."""
 
-    num_ops: int = 1
+    #: ops per sample: an int, or ``[lo, hi]`` for a per-sample count k_i ~ U{lo, ..., hi}
+    num_ops: Union[int, Tuple[int, int]] = 1
     #: fixed magnitude in [0, max_magnitude] used when no strength is given; None = off then
     magnitude: Optional[float] = None
     #: per-op firing probability when no strength is given
@@ -79,10 +81,18 @@ class RandAugmentSpec:
     KEYS = ("num_ops", "magnitude", "p", "min_magnitude", "max_magnitude", "scale_by_uniform",
             "ops", "ranges")
 
+    @property
+    def ops_range(self) -> Tuple[int, int]:
+        """(fewest, most) ops per sample."""
+        k = self.num_ops
+        return (int(k), int(k)) if isinstance(k, int) else (int(k[0]), int(k[1]))
+
     @classmethod
     def from_config(cls, cfg: Mapping, where: str = "randaugment") -> "RandAugmentSpec":
         check_keys(cfg, cls.KEYS, where)
         kw = dict(cfg)
+        if isinstance(kw.get("num_ops"), (list, tuple)):
+            kw["num_ops"] = tuple(int(x) for x in kw["num_ops"])
         if "ops" in kw:
             kw["ops"] = tuple(kw["ops"])
             check_keys({o: None for o in kw["ops"]}, OPS, f"{where}.ops")
@@ -92,8 +102,9 @@ class RandAugmentSpec:
             ranges.update({k: tuple(float(x) for x in v) for k, v in kw["ranges"].items()})
             kw["ranges"] = ranges
         spec = cls(**kw)
-        if spec.num_ops < 1:
-            raise ConfigError(f"{where}.num_ops must be >= 1, got {spec.num_ops}")
+        lo, hi = spec.ops_range
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"{where}.num_ops must be >= 1 (or [lo, hi] with 1 <= lo <= hi), got {spec.num_ops}")
         if not 0.0 <= spec.p <= 1.0:
             raise ConfigError(f"{where}.p must be in [0, 1], got {spec.p}")
         return spec
@@ -116,7 +127,7 @@ def sample_randaugment(n: int, spec: RandAugmentSpec, *, strength: Optional[torc
     """Draw RandAugment parameters for ``n`` samples; None when nothing can fire (no strength and
     no fixed magnitude)."""
     dev = g.device
-    k = spec.num_ops
+    lo, k = spec.ops_range
     if strength is None and spec.magnitude is None:
         return None
     op = torch.randint(0, len(spec.ops), (n, k), generator=g, device=dev)
@@ -133,6 +144,9 @@ def sample_randaugment(n: int, spec: RandAugmentSpec, *, strength: Optional[torc
         m = torch.full((n,), float(spec.magnitude), device=dev)
         prob = torch.full((n, 1), float(spec.p), device=dev)
     fire = u_fire < prob
+    if lo < k:   # per-sample number of ops: slots j >= k_i never fire
+        k_i = torch.randint(lo, k + 1, (n, 1), generator=g, device=dev)
+        fire = fire & (torch.arange(k, device=dev).unsqueeze(0) < k_i)
     lo = torch.tensor([spec.ranges[o][0] for o in spec.ops], device=dev)
     hi = torch.tensor([spec.ranges[o][1] for o in spec.ops], device=dev)
     value = m.unsqueeze(1) / 30.0 * (hi[op] - lo[op]) + lo[op]
@@ -209,7 +223,7 @@ def apply_randaugment(img: torch.Tensor, spec: RandAugmentSpec,
     """Apply the sampled ops slot by slot; samples whose op does not fire are untouched."""
     if params is None:
         return img
-    for j in range(spec.num_ops):
+    for j in range(params.op.shape[1]):
         op, fire = params.op[:, j], params.fire[:, j]
         for o, name in enumerate(spec.ops):
             mask = fire & (op == o)
