@@ -127,8 +127,13 @@ def resample_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, out
         w = torch.cat(_cubic_coeffs(src - i0), -1)
     # taps outside the crop carry weight 0 (aa window) or were clamped into it (the others)
     col = (start + pos.clamp(max=in_size - 1 - 0.0)).clamp(0, in_size - 1).to(torch.int64)
+    w = (w * gain).to(torch.float32)
     out = torch.zeros(B, out_size, in_size, device=dev, dtype=torch.float32)
-    out.scatter_add_(2, col, (w * gain).to(torch.float32))
+    # one scatter per tap: clamped taps may share a column, and a single scatter_add with
+    # repeated indices uses float atomics on CUDA (run-to-run bit differences); per tap each row
+    # gets one index, so the sum order is fixed and views are bit-reproducible.
+    for t in range(col.shape[-1]):
+        out.scatter_add_(2, col[..., t:t + 1], w[..., t:t + 1])
     return out
 
 
