@@ -444,8 +444,9 @@ def train(cfg: RunConfig, *, out: Optional[str] = None) -> TrainResult:
         export_backbone(inner.method.backbone, run_dir / "backbone.pt",
                         meta={"backbone": cfg.model.backbone, "cifar_stem": cfg.model.cifar_stem,
                               "width": cfg.model.width, "feat_dim": feat_dim, "step": step + 1})
-        print(f"fastssl: trained {step + 1 - start} steps, {images_total} images in {elapsed:.1f} s "
-              f"= {ips:.1f} images/sec (all ranks)", file=sys.stderr)
+        # stdout: the run's summary (the progress bar and notes go to stderr)
+        print(f"trained {step + 1 - start} steps, {images_total} images in {elapsed:.1f} s: "
+              f"{ips:.1f} images/sec (all ranks, data + augmentation + model)", flush=True)
         if eval_sources is not None:
             result.metrics.update(_final_eval(cfg, inner.method, eval_sources, device, run_dir,
                                                   cfg.eval.mean or aug.mean, cfg.eval.std or aug.std))

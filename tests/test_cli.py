@@ -98,7 +98,7 @@ def test_pretrain_then_eval(tmp_path, capsys):
     assert main(["pretrain", str(_cfg(tmp_path)), "--out", str(out)]) == 0
     text = capsys.readouterr()
     assert "kNN top-1" in text.out and "random init" in text.out and "chance: 10.00%" in text.out
-    assert "images/sec" in text.err
+    assert "images/sec" in text.out
     for target in (out, out / "checkpoints" / "step_00000002.pt", out / "backbone.pt"):
         assert main(["eval", str(target)]) == 0
         printed = capsys.readouterr().out
