@@ -220,8 +220,14 @@ def ffcv_crop_flip(beton: str, *, size: int, batch_size: int, num_workers: int, 
     loader = Loader(beton, batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
                     pipelines=pipes, drop_last=True, seed=seed, os_cache=True)
     while True:
-        for batch in loader:
-            yield list(batch[:views]), int(batch[0].shape[0])
+        epoch = iter(loader)
+        try:
+            for batch in epoch:
+                yield list(batch[:views]), int(batch[0].shape[0])
+        finally:
+            # FFCV's epoch iterator is a thread that keeps decoding ahead until told to stop: stop
+            # it, or it steals the cores from whatever is measured next
+            epoch.close()
 
 
 def close(it) -> None:

@@ -462,8 +462,7 @@ def _run(*, sets, n, modes, backends, formats, baselines, views, batch_size, cor
                                       views=views, batch_size=batch_size[s], num_workers=cores, preset=recipe,
                                       seed=seed, prototypes=prototypes)
         skipped.update(sk)
-        res = measure_rounds(variants, repeats=repeats, seconds=window_s, warmup=warmup, progress=progress)
-        results.update(res)
+        # stages first: nothing else is running yet (a closed loader's threads may linger a moment)
         if stages:
             fmt = next((f for f in formats if f in data.formats and f != "npz"), "folder")
             try:
@@ -476,6 +475,8 @@ def _run(*, sets, n, modes, backends, formats, baselines, views, batch_size, cor
                                  batch_size=min(batch_size[s], stage_images), repeats=repeats,
                                  device="cuda" if _cuda() else None, seed=seed)
             results.update({f"{data.out_size}px/stage/{fmt}/{k}": v for k, v in st.items()})
+        res = measure_rounds(variants, repeats=repeats, seconds=window_s, warmup=warmup, progress=progress)
+        results.update(res)
     from .common import summarize
     for k, v in results.items():
         if v.get("values"):

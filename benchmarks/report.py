@@ -36,11 +36,20 @@ def load_records(directory=RESULTS) -> List[Dict]:
     return out
 
 
+def _scope(rec: Dict) -> str:
+    """What a record measured: its name plus the ``size/mode`` prefixes of its loader results
+    (``loader`` runs may be split by set and mode), so a newer run replaces only what it re-measured."""
+    if rec["name"] != "loader":
+        return rec["name"]
+    parts = sorted({"/".join(k.split("/")[:2]) for k, v in rec["results"].items() if v.get("values")})
+    return f"loader {' '.join(parts)}"
+
+
 def latest(records: Sequence[Dict]) -> Dict[str, Dict]:
-    """The newest record of each benchmark name."""
+    """The newest record of each scope (benchmark name; for ``loader``, the sizes/modes it covers)."""
     out: Dict[str, Dict] = {}
     for r in records:
-        out[r["name"]] = r  # records are sorted oldest first
+        out[_scope(r)] = r  # records are sorted oldest first
     return out
 
 
@@ -118,18 +127,18 @@ def _device(rec: Dict) -> str:
     return s + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
 
 
-def readme_section(records: Sequence[Dict], *, relative_to: Optional[Path] = None) -> str:
+def readme_section(records: Sequence[Dict], *, relative_to: Optional[Path] = RESULTS.parent.parent) -> str:
     """Markdown for the newest record of each benchmark: one row per measured variant (median
     and range, the ratios it is judged by), each number linked to its record file."""
     if not records:
         return "No benchmark records yet: run `fastssl bench loader` (see benchmarks/).\n"
     lines: List[str] = []
-    for name, rec in sorted(latest(records).items()):
+    for scope, rec in sorted(latest(records).items()):
         link = Path(rec["_path"])
         if relative_to is not None:
             link = Path(os.path.relpath(link, relative_to))
         png = link.with_suffix(".png")
-        lines.append(f"**{name}** ({rec['date'][:10]}, {_device(rec)}): `{rec['command']}`"
+        lines.append(f"**{scope}** ({rec['date'][:10]}, {_device(rec)}): `{rec['command']}`"
                      + (f" ([plot]({png.as_posix()}))" if (Path(rec["_path"]).with_suffix(".png")).exists() else ""))
         lines.append("")
         lines.append("| variant | median | min..max | unit |")
@@ -142,6 +151,11 @@ def readme_section(records: Sequence[Dict], *, relative_to: Optional[Path] = Non
                 mark = "" if "met" not in v else (" (met)" if v["met"] else " (missed)")
                 lines.append(f"| {k} | [{v['ratio']:.2f}x]({link.as_posix()}) | target {v.get('target', '-')}x{mark} |"
                              f" ratio |")
+            elif "text" in v:
+                lines.append(f"| {k} | [{v['text']}]({link.as_posix()}) | | |")
+            elif "share" in v:
+                share = ", ".join(f"{s} {100 * x:.0f}%" for s, x in v["share"].items())
+                lines.append(f"| {k} | [{_fmt(v['rate'])}]({link.as_posix()}) | {share} | {v.get('unit', '')} |")
             elif "error" in v:
                 lines.append(f"| {k} | failed | {v['error'][:80]} | |")
         lines.append("")
