@@ -107,10 +107,11 @@ def test_measure_rounds_interleaves_and_records_failures():
 
 
 def test_targets_take_our_fastest_variant():
-    res = {"32px/full/torch/npz": {"kind": "ours", "median": 700.0},
+    res = {"32px/full/torch/npz": {"kind": "ours", "median": 9000.0},  # decoded pixels: never a numerator
+           "32px/full/torch/folder": {"kind": "ours", "median": 700.0},
            "32px/full/torch/shards": {"kind": "ours", "median": 1400.0},
            "32px/full/baseline-torchvision": {"kind": "baseline", "median": 200.0},
-           "32px/feed/torch/npz": {"kind": "ours", "median": 6000.0},
+           "32px/feed/torch/folder": {"kind": "ours", "median": 6000.0},
            "32px/feed/ceiling-decode": {"kind": "ceiling", "median": 10000.0}}
     t = targets(res, size_tag="32px")
     tv = t["32px/target/full recipe >= 7x torchvision"]
