@@ -15,7 +15,7 @@ Flip, colour, blur, ... are done batched on the device by the augmentation engin
 from __future__ import annotations
 
 import io
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -89,16 +89,26 @@ class BatchMaker:
 
     Picklable (sources open files lazily), so DataLoader workers get their own copy. Also
     usable on its own, in-process: ``BatchMaker(...)(b)``.
+
+    ``worker_augment``: optional picklable ``f(views, seed_key) -> views`` applied to the batch's
+    uint8 ``[B,3,H,W]`` views after cropping (in the worker, so CPU colour augmentation runs on
+    every worker core). ``seed_key = (seed, rank, first_item)`` identifies the batch by its
+    rank-stream position (``first_item`` = rank-stream index of the batch's first sample), so
+    whatever ``f`` draws from it does not depend on the number of workers and is reproduced on
+    resume. ``f`` may return float views; they replace ``Batch.views``.
     """
 
     def __init__(self, sources: Sequence[Source], plan: Plan, *, crops: Optional[Sequence[CropSpec]] = None,
-                 resize: Optional[int] = None, seed: int = 0, on_error: str = "raise"):
+                 resize: Optional[int] = None, seed: int = 0, on_error: str = "raise",
+                 worker_augment: Optional[Callable[[List[torch.Tensor], Tuple[int, int, int]],
+                                                   List[torch.Tensor]]] = None):
         self.sources = list(sources)
         self.plan = plan
         self.crops = list(crops) if crops else None
         self.resize = resize
         self.seed = int(seed)
         self.on_error = on_error
+        self.worker_augment = worker_augment
 
     def __call__(self, b: int) -> Batch:
         src, smp, gid = self.plan.batch(b)
@@ -123,6 +133,8 @@ class BatchMaker:
             views = self._crop_views(images, rng)
         else:
             views = [self._resize_view(images, src[keep], smp[keep])]
+        if self.worker_augment is not None:
+            views = list(self.worker_augment(views, (self.seed & _M64, self.plan.rank, first_item)))
         return Batch(views=views, index=torch.from_numpy(gid[keep]), source=torch.from_numpy(src[keep]),
                      label=torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)), skipped=skipped)
 
@@ -212,6 +224,8 @@ class TorchLoader:
             ``"skip"`` (the sample is dropped from its batch and counted in ``skipped``).
         pin_memory, prefetch_factor: passed to the DataLoader.
         drop_last: drop a final partial batch of a finite plan.
+        worker_augment: optional picklable ``f(views, seed_key) -> views`` run in the worker on
+            every batch's uint8 views after cropping (see :class:`BatchMaker`); stable signature.
 
     ``len(loader)`` is the number of batches left. ``state_dict()`` taken between batches
     resumes (``load_state_dict`` before iterating) at exactly the next sample.
@@ -220,7 +234,8 @@ class TorchLoader:
     def __init__(self, sources: Sequence[Source], mixture: Mixture, *, batch_size: int,
                  crops: Optional[Sequence[CropSpec]] = None, resize: Optional[int] = None, rank: int = 0,
                  world_size: int = 1, num_workers: int = 2, seed: int = 0, on_error: str = "raise",
-                 pin_memory: bool = False, prefetch_factor: int = 2, drop_last: bool = True):
+                 pin_memory: bool = False, prefetch_factor: int = 2, drop_last: bool = True,
+                 worker_augment: Optional[Callable] = None):
         sources = list(sources)
         if len(sources) != mixture.num_sources:
             raise ValueError(f"{len(sources)} sources for a mixture of {mixture.num_sources}")
@@ -246,6 +261,9 @@ class TorchLoader:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        if worker_augment is not None and not callable(worker_augment):
+            raise ValueError(f"worker_augment must be callable f(views, seed_key) -> views, got {worker_augment!r}")
+        self.worker_augment = worker_augment
         self._plan = Plan(mixture, batch_size=batch_size, rank=rank, world_size=world_size, drop_last=drop_last)
         #: samples skipped under on_error="skip", in the batches handed out so far
         self.skipped = 0
@@ -265,7 +283,7 @@ class TorchLoader:
     def __iter__(self):
         plan = self._plan.copy()  # frozen cursor for the workers; self._plan counts handed-out batches
         maker = BatchMaker(self.sources, plan, crops=self.crops, resize=self.resize, seed=self.seed,
-                           on_error=self.on_error)
+                           on_error=self.on_error, worker_augment=self.worker_augment)
         stream = _BatchStream(maker, plan.num_batches)
         if self.num_workers == 0:
             it = iter(stream)

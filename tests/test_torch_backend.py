@@ -183,3 +183,33 @@ def test_infinite_stream_and_bad_arguments():
     other = TorchLoader([arr], Mixture([10], seed=1), batch_size=4)
     with pytest.raises(ValueError, match="another mixture"):
         other.load_state_dict(loader.state_dict())
+
+
+class _AddKey:
+    """Picklable worker hook: float views plus a value drawn from the batch's seed key."""
+
+    def __call__(self, views, seed_key):
+        g = torch.Generator().manual_seed(hash(seed_key) & 0x7FFFFFFF)
+        return [v.float() + torch.rand((), generator=g) for v in views]  # one draw per view
+
+
+@pytest.mark.timeout(120)
+def test_worker_augment_hook_runs_per_batch_and_is_worker_independent():
+    sources = [_array_source(), BytesSource(30, seed=2)]
+    mix = Mixture([40, 30], budget=96, seed=7)
+
+    def make(workers, hook):
+        return TorchLoader(sources, mix, batch_size=16, crops=CROPS, num_workers=workers, seed=3,
+                           worker_augment=hook)
+
+    plain = _collect(make(0, None))
+    got0 = _collect(make(0, _AddKey()))
+    got2 = _collect(make(2, _AddKey()))
+    _same(got0, got2)
+    for b, (p, g) in enumerate(zip(plain, got0)):
+        key = (3, 0, 16 * b)  # (seed, rank, rank-stream index of the batch's first sample)
+        gen = torch.Generator().manual_seed(hash(key) & 0x7FFFFFFF)
+        for u, v in zip(p.views, g.views):
+            assert v.dtype == torch.float32 and torch.equal(v, u.float() + torch.rand((), generator=gen)), b
+    with pytest.raises(ValueError, match="worker_augment must be callable"):
+        TorchLoader(sources, mix, batch_size=4, worker_augment=3)
