@@ -314,8 +314,20 @@ def _check_type(value, tp, key: str):
     if tp is Any:
         return value
     if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
+        args = typing.get_args(tp)
+        non_null = [a for a in args if a is not type(None)]
+        if value is None and len(non_null) < len(args):
+            return None
+        if len(non_null) == 1:  # Optional[X]: X's own message is the precise one
+            try:
+                return _check_type(value, non_null[0], key)
+            except ConfigError:
+                if non_null[0] in (int, float, str, bool):
+                    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, "
+                                      f"got {type(value).__name__} {value!r}") from None
+                raise
         errors = []
-        for arg in typing.get_args(tp):
+        for arg in args:
             try:
                 return _check_type(value, arg, key)
             except ConfigError as e:
