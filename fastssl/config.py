@@ -93,6 +93,8 @@ class TrainConfig:
     deterministic: bool = False
     #: "auto" (cuda when available) or "cpu"
     device: str = "auto"
+    #: torch intra-op threads of each training process (None = torch's default, one per core)
+    num_threads: Optional[int] = None
     sync_bn: bool = True
     #: online linear probe on detached backbone features
     probe: bool = True
@@ -411,6 +413,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'train.device': expected auto or cpu, got {t.device!r}")
     if t.grad_accum < 1:
         raise ConfigError(f"config key 'train.grad_accum': must be >= 1, got {t.grad_accum}")
+    if t.num_threads is not None and t.num_threads < 1:
+        raise ConfigError(f"config key 'train.num_threads': must be >= 1, got {t.num_threads}")
     if t.steps is not None and t.steps < 1:
         raise ConfigError(f"config key 'train.steps': must be >= 1, got {t.steps}")
     if t.checkpoint_every < 0:

@@ -203,6 +203,8 @@ def train(cfg: RunConfig, *, out: Optional[str] = None) -> TrainResult:
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if t.num_threads is not None:
+        torch.set_num_threads(t.num_threads)
     cuda = torch.cuda.is_available() and t.device != "cpu"
     mixed = t.mixed_precision
     if not cuda and mixed == "fp16":
