@@ -51,6 +51,9 @@ class ModelConfig:
     cifar_stem: bool = True
     #: channels of the first stage (64 = standard ResNet-18)
     width: int = 64
+    #: ViT only: input size (None = the first augmented view's size) and patch size
+    img_size: Optional[int] = None
+    patch_size: int = 16
 
 
 @dataclass

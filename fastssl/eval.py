@@ -251,7 +251,6 @@ def evaluate_checkpoint(path: Union[str, Path], *, data: Optional[Mapping] = Non
     from loaders.errors import ConfigError
 
     from .config import from_dict, load_config
-    from .models import build_backbone
 
     path = Path(path)
     if not path.exists():
@@ -275,7 +274,8 @@ def evaluate_checkpoint(path: Union[str, Path], *, data: Optional[Mapping] = Non
         raise ConfigError(f"{path}: no eval data; give eval.train and eval.test source configs "
                           f"(e.g. --data data.yaml with train: and test: sections)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone, _ = build_backbone(cfg.model.backbone, cifar_stem=cfg.model.cifar_stem, width=cfg.model.width)
+    from fastssl.trainer import _build_backbone, build_augment
+    backbone, _ = _build_backbone(cfg, build_augment(cfg.augment))
     backbone.load_state_dict(backbone_sd)
     backbone.to(device)
     tr_x, tr_y = source_arrays(build_source(train_cfg), size=ev.image_size, progress=progress)

@@ -24,7 +24,6 @@ trained on, for reproducibility checks).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -183,7 +182,6 @@ def train(cfg: RunConfig, *, out: Optional[str] = None) -> TrainResult:
     from loaders.pipeline import build_loader
 
     from .methods import build_method
-    from .models import build_backbone
     from .optim import build_optimizer, warmup_cosine
 
     t, o = cfg.train, cfg.optim
@@ -243,8 +241,7 @@ def train(cfg: RunConfig, *, out: Optional[str] = None) -> TrainResult:
     # ---------------------------------------------------------------- model, optimizers
     mcfg = dict(cfg.method)
     name = mcfg.pop("name")
-    backbone, feat_dim = build_backbone(cfg.model.backbone, cifar_stem=cfg.model.cifar_stem,
-                                        width=cfg.model.width)
+    backbone, feat_dim = _build_backbone(cfg, aug)
     method = build_method(name, backbone=backbone, feat_dim=feat_dim, **mcfg)
     recipe = _recipe(method, o, t)
     lr = recipe["lr"] * images_per_step / 256.0
@@ -456,6 +453,19 @@ def train(cfg: RunConfig, *, out: Optional[str] = None) -> TrainResult:
     return result
 
 
+def _build_backbone(cfg: RunConfig, aug):
+    """``fastssl.models.build_backbone`` from ``cfg.model`` (ViTs get ``img_size`` = the first
+    augmented view's size unless ``model.img_size`` is set)."""
+    from .models import build_backbone
+
+    m = cfg.model
+    kw = {}
+    if m.backbone.startswith("vit"):
+        size = m.img_size or (aug.specs[0].size if aug is not None else None)
+        kw = {"img_size": size, "patch_size": m.patch_size} if size else {"patch_size": m.patch_size}
+    return build_backbone(m.backbone, cifar_stem=m.cifar_stem, width=m.width, **kw)
+
+
 def _recipe(method, o, t) -> Dict[str, Any]:
     """The method's optimisation recipe with the config's explicit ``optim.*`` values on top."""
     recipe = dict(getattr(method, "recipe", {}) or {})
@@ -546,7 +556,6 @@ def _final_eval(cfg: RunConfig, method, sources, device, run_dir: Path, mean, st
     """kNN (and linear-probe) top-1 on the held-out split, and kNN of the same architecture at
     random initialisation; printed and written to ``eval.json``."""
     from .eval import evaluate_features, extract_features, source_arrays
-    from .models import build_backbone
 
     ev = cfg.eval
     tr_x, tr_y = source_arrays(sources[0], size=ev.image_size, progress=cfg.log.progress)
@@ -565,7 +574,7 @@ def _final_eval(cfg: RunConfig, method, sources, device, run_dir: Path, mean, st
         out["eval/linear_top1"] = res["linear_top1"]
     if ev.random_init_baseline:
         torch.manual_seed(cfg.train.seed)
-        rand, _ = build_backbone(cfg.model.backbone, cifar_stem=cfg.model.cifar_stem, width=cfg.model.width)
+        rand, _ = _build_backbone(cfg, build_augment(cfg.augment))
         rand.to(device)
         base = evaluate_features(extract_features(rand, tr_x, **kw), tr_y,
                                  extract_features(rand, te_x, **kw), te_y,
