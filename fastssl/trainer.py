@@ -286,6 +286,11 @@ def train(cfg: RunConfig, *, out: Optional[str] = None) -> TrainResult:
     # everything that can reject the input ran above: only now is anything written
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            stale = _clear_checkpoints(run_dir)
+            if stale:
+                print(f"fastssl: fresh run in {run_dir}: removed {stale} checkpoint(s) of an earlier run "
+                      f"(use --resume auto to continue one)", file=sys.stderr)
         (run_dir / "config.yaml").write_text(dump(cfg))
     accelerator.wait_for_everyone()
 
@@ -482,6 +487,19 @@ def _recipe(method, o, t) -> Dict[str, Any]:
     if recipe.get("lr") is None:
         raise ConfigError(f"optim.lr is not set and method '{method.name}' publishes no default lr")
     return recipe
+
+
+def _clear_checkpoints(run_dir: Path) -> int:
+    """Remove an earlier run's step files so that 'auto' resume and the keep-newest rotation
+    only ever see this run's checkpoints. Returns how many were removed."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return 0
+    n = 0
+    for p in list(folder.glob("step_*.pt")) + list(folder.glob("last.txt")):
+        p.unlink()
+        n += p.suffix == ".pt"
+    return n
 
 
 def _line_step(line: str) -> Optional[int]:

@@ -130,3 +130,11 @@ def test_bcl_run_updates_table(tmp_path):
     assert ck["bcl"]["seen"].all()
     w = ck["bcl"]["w"]
     assert w.min() >= 0 and w.max() <= 1 and w.std() > 0
+
+
+def test_fresh_run_in_used_directory_drops_old_checkpoints(tmp_path):
+    train(tiny(tmp_path, "train.steps=4", "eval.enabled=false"))
+    train(tiny(tmp_path, "train.steps=2", "eval.enabled=false"))
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert names == ["step_00000002.pt"]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
