@@ -217,3 +217,39 @@ def test_ffcv_native_loader_baseline(betons):
     loader = ffcv_native_loader(str(betons["raw"]), batch_size=8, crop=CropSpec(8), num_workers=1)
     images, labels = next(iter(loader))
     assert images.shape == (8, 3, 8, 8) and images.dtype == torch.uint8 and labels.shape == (8,)
+
+
+def test_batch_per_thread_order_and_errors_independent_of_threads(tmp_path, betons):
+    """Thread k builds batches k, k+K, ...: any thread count yields the serial loader's batches
+    (same order, same pixels); a corrupt sample in a later batch raises only after the batches
+    before it were handed out, and under skip the same samples are dropped."""
+    path = tmp_path / "broken.beton"
+    path.write_bytes(betons["jpg"].read_bytes())
+    mix = Mixture([48], budget=96, seed=2)
+    k = int(mix.lookup(np.arange(96))[1][45])  # read in batch 5 (batch size 8), first in epoch 0
+    f = BetonFile(path)
+    with open(path, "r+b") as fh:
+        fh.seek(int(f.data_ptr[k]))
+        fh.write(b"\x00" * int(f.data_size[k]))
+    src = BetonSource(path)
+    crops = [CropSpec(8, scale=(0.2, 1.0)), CropSpec(6)]
+
+    def run(workers, prefetch, on_error="skip"):
+        return list(FFCVLoader([src], mix, batch_size=8, crops=crops, num_workers=workers, prefetch=prefetch,
+                               seed=1, flip=True, on_error=on_error))
+
+    ref = run(1, 1)
+    bad = [(b.meta["batch"], b.skipped) for b in ref if b.skipped]
+    assert bad[0] == (5, 1) and sum(b.skipped for b in ref) == 2  # sample k is read once per epoch
+    for workers, prefetch in [(2, 2), (3, 1), (1, 3)]:
+        got = run(workers, prefetch)
+        assert [b.meta["batch"] for b in got] == [b.meta["batch"] for b in ref]
+        for a, b in zip(ref, got):
+            assert torch.equal(a.index, b.index) and a.skipped == b.skipped
+            assert all(torch.equal(u, v) for u, v in zip(a.views, b.views))
+    loader = FFCVLoader([src], mix, batch_size=8, crops=crops, num_workers=3, seed=1, on_error="raise")
+    seen = []
+    with pytest.raises(SampleError, match=rf"broken.beton\[{k}\]"):
+        for batch in loader:
+            seen.append(batch.meta["batch"])
+    assert seen == [0, 1, 2, 3, 4]

@@ -197,3 +197,26 @@ def test_bad_inputs(kwargs, match):
     sizes = kwargs.pop("sizes")
     with pytest.raises(ValueError, match=match):
         Mixture(sizes, **kwargs)
+
+
+def test_scalar_key_fast_path_matches_the_array_path():
+    """Scalar keys are hashed with Python ints (speed): bit-identical to the uint64-array hashing,
+    also for negative parts; lookups across an epoch boundary (per-element keys) agree with
+    lookups of each side alone (one scalar key)."""
+    from loaders import mixture as M
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        parts = [int(x) for x in rng.integers(-2**63, 2**63 - 1, size=int(rng.integers(1, 5)))]
+        h = np.zeros(1, dtype=np.uint64)
+        for p in parts:
+            a = np.atleast_1d((np.asarray(p).astype(np.int64) & 0x7FFFFFFFFFFFFFFF).astype(np.uint64))
+            h = M._splitmix(h ^ M._splitmix(a))
+        k = M._key(*parts)
+        assert k.dtype == np.uint64 and k.shape == (1,) and k[0] == h[0]
+        x = rng.integers(0, 1000, 64)
+        np.testing.assert_array_equal(keyed_permutation(x, 1000, k), keyed_permutation(x, 1000, np.repeat(k, 64)))
+    mix = Mixture([30, 50], weights=[0.5, 0.5], epoch_length=40, seed=5)
+    both = mix.lookup(np.arange(25, 55))  # epochs 0 and 1 in one query
+    parts = [mix.lookup(np.arange(25, 40)), mix.lookup(np.arange(40, 55))]
+    for a, b in zip(both, zip(*parts)):
+        np.testing.assert_array_equal(a, np.concatenate(b))
