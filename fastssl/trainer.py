@@ -387,6 +387,12 @@ def train(cfg: RunConfig, *, out: Optional[str] = None) -> TrainResult:
                 images_total += len(batch) * world
                 loader_state = batch.meta.get("loader_state", loader_state)
                 psl = getattr(out, "per_sample_loss", None)
+                if psl is None and step == start and micro == 0:
+                    if bcl is not None:
+                        raise ConfigError(f"train.bcl needs per-sample losses; method '{name}' returns none")
+                    if len(names) > 1 and main:
+                        print(f"fastssl: per-source loss unavailable (method '{name}' returns no "
+                              f"per-sample loss); logging the total loss only", file=sys.stderr)
                 if psl is not None:
                     psl = psl.detach().float()
                     if bcl is not None:
