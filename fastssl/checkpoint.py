@@ -19,7 +19,7 @@ import torch
 
 __all__ = [
     "atomic_save", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
-    "latest_checkpoint", "checkpoint_path", "export_backbone",
+    "latest_checkpoint", "checkpoint_path", "save_backbone",
 ]
 
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -107,14 +107,15 @@ def load_checkpoint(path: Union[str, Path], *, map_location="cpu") -> Dict[str, 
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def export_backbone(backbone: torch.nn.Module, path: Union[str, Path], *,
-                    meta: Optional[Dict[str, Any]] = None) -> Path:
-    """Save the backbone's plain ``state_dict`` (tensors only; loadable without fastssl).
+def save_backbone(backbone: torch.nn.Module, path: Union[str, Path], *,
+                  meta: Optional[Dict[str, Any]] = None) -> Path:
+    """Write the backbone's plain ``state_dict`` (``fastssl.models.export_backbone``) atomically.
 
-    ``meta`` (architecture name, width, feature dim) goes to a sibling ``.json`` file.
+    Loadable without fastssl; ``meta`` (architecture name, width, feature dim) goes to a sibling
+    ``.json`` file.
     """
-    sd = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    path = atomic_save(sd, path)
+    from .models import export_backbone
+    path = atomic_save(export_backbone(backbone), path)
     if meta is not None:
         import json
         side = Path(path).with_suffix(".json")

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from loaders.errors import ConfigError
 
-from .checkpoint import (export_backbone, latest_checkpoint, load_checkpoint, save_checkpoint,
+from .checkpoint import (save_backbone, latest_checkpoint, load_checkpoint, save_checkpoint,
                          set_rng_state)
 from .config import RunConfig, dump, to_dict
 from .metrics_log import MetricsLogger
@@ -451,7 +451,7 @@ def train(cfg: RunConfig, *, out: Optional[str] = None) -> TrainResult:
     result = TrainResult(run_dir=run_dir, step=step + 1, metrics=dict(last_metrics),
                          images_per_sec=ips, method=inner.method)
     if main:
-        export_backbone(inner.method.backbone, run_dir / "backbone.pt",
+        save_backbone(inner.method.backbone, run_dir / "backbone.pt",
                         meta={"backbone": cfg.model.backbone, "cifar_stem": cfg.model.cifar_stem,
                               "width": cfg.model.width, "feat_dim": feat_dim, "step": step + 1})
         # stdout: the run's summary (the progress bar and notes go to stderr)
