@@ -300,3 +300,13 @@ def test_cv2_path_workers_resume_and_errors():
         _collect(make(0, on_error="raise"))
     with pytest.raises(ValueError, match="decoder must be one of"):
         TorchLoader(src, mix, batch_size=4, decoder="turbo")
+
+
+def test_build_loader_passes_fast_path_options():
+    from loaders.pipeline import build_loader
+    cfg = {"sources": [{"name": "syn", "type": "synthetic", "n": 32, "size": 16}], "backend": "torch",
+           "batch_size": 8, "num_workers": 0, "backend_options": {"decoder": "cv2", "flip": True}}
+    loader = build_loader(cfg, crops=[CropSpec(8)])
+    assert isinstance(loader, TorchLoader) and loader.decoder == "cv2" and loader.flip
+    batch = next(iter(loader))
+    assert [tuple(v.shape) for v in batch.views] == [(8, 3, 8, 8)] and batch.views[0].dtype == torch.uint8
