@@ -16,8 +16,8 @@ keeps FFCV's file format, reader and execution model and drives it by the plan:
   (``ffcv.libffcv.resize_crop``, area interpolation) straight into the batch, plus the flips;
   raw-mode samples are cropped from the map without a copy;
 * samples from several files are grouped per file (one kernel call per file in the batch);
-* about ``prefetch`` batches are kept ready ahead (with one worker: a producer thread and a
-  ``prange`` kernel).
+* about ``prefetch`` batches are kept ready ahead (``num_workers`` 0/1 with ``prefetch`` 1: no
+  thread, batches made in the caller). ``make_batch(parallel=True)`` keeps the ``prange`` kernel.
 
 Views are ``uint8 [B, 3, S, S]`` tensors in channels-last memory (a permuted view of the
 ``[B, S, S, 3]`` batch buffer, no copy: ``.contiguous()`` if a consumer needs NCHW memory).
@@ -117,7 +117,7 @@ class FFCVLoader(PlanLoader):
 
     Shared Loader arguments (see :class:`~loaders.dali_backend.PlanLoader`) plus keyword-only
     ``flip`` (random horizontal flip p=0.5 per view, drawn with the batch's own generator, for a
-    "crop+flip only" pipeline) and ``prefetch`` (batches prepared ahead by a background thread).
+    "crop+flip only" pipeline) and ``prefetch`` (batches prepared ahead by the decode threads).
     ``num_workers`` is the number of decode threads (each builds whole batches; 0 or 1 = one).
     """
 
@@ -283,8 +283,8 @@ class FFCVLoader(PlanLoader):
         Speed: one batch per thread instead of one ``prange`` kernel per batch. With ``prange``
         the per-batch Python (plan lookup, crop boxes, views: ~2 ms at 256 x 32 px) ran on one
         core while the other idled, and every batch ended in a join barrier; here a thread's
-        Python overlaps the other threads' kernels (which release the GIL): at 32 px on 2 cores
-        ~1.3x the samples/s of the prange loop.
+        Python overlaps the other threads' kernels (which release the GIL): at 32 px on the
+        shared 2-core machine ~1.1x the samples/s of the prange loop (median of 4 A/B rounds).
         """
         K = max(1, int(workers))
         depth = max(1, -(-self.prefetch // K))  # ceil: about `prefetch` batches ready in total
