@@ -14,8 +14,9 @@ Flip, colour, blur, ... are done batched on the device by the augmentation engin
 here (``flip=True``, drawn per sample and view from ``(seed, rank, position, 1)``).
 
 ``decoder="cv2"`` is the fast path (opt-in): OpenCV's libjpeg-turbo ``imdecode`` and
-``cv2.resize`` (both release the GIL; ~4x PIL per 32 px sample here), flip and crop as numpy
-slices. Same crop boxes, same flips; the resampling differs slightly from torchvision's PIL
+``cv2.resize``/``cv2.flip`` written straight into the batch (crops are numpy views; views come
+out channels-last, as the FFCV backend's): 32 px, 2 views, CPU per sample here 45 us from JPEG
+shards vs 182 us with PIL (21 vs 104 us from arrays). Same crop boxes, same flips; the resampling differs slightly from torchvision's PIL
 filters: upscaling uses OpenCV's bilinear/bicubic (bicubic a=-0.75 vs PIL's -0.5, 11-bit fixed
 point), downscaling OpenCV's area filter instead of PIL's antialiased bilinear/bicubic
 (tests bound the per-pixel mean difference). The default ``decoder="pil"`` is torchvision-exact.
