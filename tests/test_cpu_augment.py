@@ -166,3 +166,13 @@ def test_in_the_torch_loader_independent_of_workers():
         assert all(x.dtype == torch.float32 and x.shape == (8, 3, 32, 32) for x in v0)
         assert all(torch.equal(x, y) for x, y in zip(v0, v2))
     assert not torch.equal(runs[0][0][0], runs[0][1][0])
+
+
+def test_channels_last_input_reads_in_place_with_the_same_result():
+    aug = Augment.from_preset("imagenet_simclr", size=40)
+    views = [noise(5, 40), smooth(5, 40)]
+    cl = [v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for v in views]   # channels-last memory
+    assert not cl[0].is_contiguous()
+    hook = WorkerAugment(aug, impl="cv2")
+    for a, b in zip(hook(views, (2, 0, 10)), hook(cl, (2, 0, 10))):
+        assert torch.equal(a, b)
