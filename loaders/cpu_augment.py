@@ -28,6 +28,14 @@ Two implementations of the same ops (``impl``):
 ``"auto"`` (default) picks cv2 for views of at least :data:`CV2_MIN_SIZE` px when OpenCV is
 installed, torch otherwise; views with ops the cv2 path does not implement (solarize,
 RandAugment, a resize) always use the engine.
+
+Use::
+
+    hook = WorkerAugment.from_preset("imagenet_simclr", output="uint8")
+    loader = TorchLoader(sources, mixture, batch_size=64, crops=hook.crop_specs,
+                         worker_augment=hook, decoder="cv2")     # no flip=True: the hook flips
+    for batch in loader:
+        batch = hook.finish(batch)          # uint8 -> normalised float32 views (main process)
 """
 from __future__ import annotations
 
@@ -200,7 +208,10 @@ def normalize_uint8(img: torch.Tensor, mean: Sequence[float], std: Sequence[floa
     """``uint8 [B,3,H,W]`` (0..255) -> ``float32`` ``(img / 255 - mean) / std`` in one fused pass."""
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=img.device).reshape(1, 3, 1, 1)
     offset = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=img.device).reshape(1, 3, 1, 1)
-    return torch.addcmul(offset, img.to(torch.float32), scale)
+    x = img.to(torch.float32)
+    # in place into the one float buffer: a second 38 MB allocation (a 64 x 224 px view) costs
+    # fresh pages, which are expensive on the CPU machine
+    return torch.addcmul(offset, x, scale, out=x)
 
 
 # ------------------------------------------------------------------------ the worker hook
