@@ -32,7 +32,7 @@ demo: setup
 
 # Full test suite (GPU-only tests skip without CUDA).
 test: setup
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	FASTSSL_REQUIRE_EXTRAS=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/fastssl bench --help

@@ -1,0 +1,27 @@
+"""Suite-wide checks.
+
+`make test` sets FASTSSL_REQUIRE_EXTRAS=1: the optional backends and libraries it installs
+(DALI, FFCV, OpenCV, webdataset, timm, kornia) must import, so a broken install fails loudly
+instead of turning their tests into skips. Outside `make test` those tests skip cleanly when an
+extra is missing; GPU-only tests skip without CUDA either way.
+"""
+import importlib
+import os
+
+import pytest
+
+EXTRAS = {"nvidia.dali": "dali", "ffcv": "ffcv", "cv2": "ffcv", "webdataset": "wds", "timm": "vit",
+          "kornia": "bench"}
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("FASTSSL_REQUIRE_EXTRAS") != "1":
+        return
+    missing = []
+    for module, extra in EXTRAS.items():
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # an extra that is installed but broken counts as missing
+            missing.append(f"{module} (fastssl[{extra}]): {type(e).__name__}: {e}")
+    if missing:
+        raise pytest.UsageError("FASTSSL_REQUIRE_EXTRAS=1 but these extras do not import:\n  " + "\n  ".join(missing))
