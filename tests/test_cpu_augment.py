@@ -129,7 +129,7 @@ def test_determinism_from_the_key_and_engine_fallback():
     out = hook2([views[0]], (4, 0, 0))[0]
     assert torch.equal(out, aug2(as_batch([views[0]]), step=step_for((4, 0, 0)), crop=False).views[0])
     # auto: OpenCV from CV2_MIN_SIZE px
-    assert WorkerAugment(aug).impl_for(aug.specs[0]) == "torch"
+    assert WorkerAugment(aug).impl_for(aug.specs[0]) == ("cv2" if aug.specs[0].size >= CA.CV2_MIN_SIZE else "torch")
     big = Augment.from_preset("imagenet_simclr")
     assert WorkerAugment(big).impl_for(big.specs[0]) == "cv2"
 
