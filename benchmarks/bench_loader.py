@@ -120,9 +120,14 @@ def flip_batch(views, rng: np.random.Generator):
 
 def backend_options(backend: str, mode: str, preset: str) -> Dict:
     """Backend keyword arguments for a mode: DALI runs the full recipe in its graph
-    (``augment=preset``) or flips while cropping (``flip=True``); the torch backend only crops."""
+    (``augment=preset``) or flips while cropping (``flip=True``); in feed mode the FFCV and torch
+    backends flip while cropping too, and the torch backend decodes with OpenCV (``decoder="cv2"``:
+    same crop boxes and flips as PIL, resampling within the tolerance tests/test_torch_backend.py
+    states). Flipping after the loader costs a full extra pass over every batch in the main process."""
     if backend == "dali":
         return {"augment": preset} if mode == "full" else {"flip": True}
+    if mode == "feed":
+        return {"flip": True, "decoder": "cv2"} if backend == "torch" else {"flip": True}
     return {}
 
 
