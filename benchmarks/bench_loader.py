@@ -147,9 +147,12 @@ def ours(source_cfg: Dict, *, backend: str, mode: str, crops, augment, batch_siz
     flips = bool(getattr(loader, "flip", False))
     it = iter(loader)
     rng = np.random.default_rng(seed)
+    hook = cfg["backend_options"].get("worker_augment")
     try:
         for step, batch in enumerate(it):
-            if mode == "full" and batch.views[0].dtype == torch_uint8():
+            if mode == "full" and hook is not None:
+                batch = hook.finish(batch)  # the workers ran the recipe; uint8 output is normalised here
+            elif mode == "full" and batch.views[0].dtype == torch_uint8():
                 batch = augment(batch, step=step, crop=False)
             elif mode == "feed" and not flips:
                 batch = batch.with_views(flip_batch(batch.views, rng))
@@ -157,54 +160,6 @@ def ours(source_cfg: Dict, *, backend: str, mode: str, crops, augment, batch_siz
     finally:
         close_iter(it)
         del it, loader
-
-
-class _AugmentInWorker:
-    """Prototype: a torch-backend batch maker that also runs the augmentation engine, in the
-    worker, with ``step = b`` (the batch's position, so results do not depend on the workers)."""
-
-    def __init__(self, maker, augment):
-        self.maker, self.augment = maker, augment
-
-    def __call__(self, b: int):
-        return self.augment(self.maker(b), step=b, crop=False)
-
-
-def _worker_stream(make_batch, num_workers: int):
-    """Worker ``k`` of ``K`` builds batches ``k, k+K, ...`` forever (the torch backend's layout)."""
-    import torch
-
-    class _Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            info = torch.utils.data.get_worker_info()
-            b, step = (0, 1) if info is None else (info.id, info.num_workers)
-            while True:
-                yield make_batch(b)
-                b += step
-
-    return torch.utils.data.DataLoader(_Stream(), batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False)
-
-
-def augment_in_workers(source_cfg: Dict, *, crops, augment, batch_size: int, num_workers: int,
-                       seed: int = 0) -> Iterator[Tuple[object, int]]:
-    """The full recipe with the augmentation engine inside the DataLoader workers (one torch thread
-    each, as DataLoader sets): a prototype of what ``loaders/torch_backend.py`` could offer on
-    CPU-only machines, where the main process is otherwise the single core running the engine."""
-    from loaders.base import build_source
-    from loaders.mixture import Mixture, Plan
-    from loaders.pipeline import SOURCE_MODULES
-    from loaders.torch_backend import BatchMaker
-    import importlib
-    importlib.import_module(SOURCE_MODULES[source_cfg["type"]])
-    src = build_source(source_cfg)
-    maker = BatchMaker([src], Plan(Mixture([len(src)], seed=seed), batch_size=batch_size), crops=crops, seed=seed)
-    it = iter(_worker_stream(_AugmentInWorker(maker, augment), num_workers))
-    try:
-        for batch in it:
-            yield batch, len(batch)
-    finally:
-        close_iter(it)
 
 
 def torch_uint8():
@@ -356,7 +311,7 @@ def targets(results: Dict[str, Dict], *, size_tag: str) -> Dict[str, Dict]:
 # ----------------------------------------------------------------------------- run
 def build_variants(data: BenchData, *, modes: Sequence[str], backends: Dict[str, str], formats: Sequence[str],
                    baselines: Sequence[str], views: int, batch_size: int, num_workers: int, preset: str,
-                   seed: int = 0, prototypes: bool = True) -> Tuple[List[Variant], Dict[str, str]]:
+                   seed: int = 0) -> Tuple[List[Variant], Dict[str, str]]:
     """Every variant for one data set; returns (variants, skipped key -> why)."""
     size = data.out_size
     tag = f"{size}px"
@@ -390,12 +345,18 @@ def build_variants(data: BenchData, *, modes: Sequence[str], backends: Dict[str,
                                                              batch_size=batch_size, num_workers=num_workers,
                                                              image_size=size, seed=seed,
                                                              options=backend_options(be, mode, preset)))))
-        if mode == "full" and prototypes and crops is not None and backends.get("torch") == "ok":
+        if mode == "full" and crops is not None and backends.get("torch") == "ok":
+            # The full recipe inside the torch backend's workers (loaders.cpu_augment): on a CPU-only
+            # machine both cores decode, crop and augment instead of one main process running the
+            # engine. Large views travel as uint8 (float32 pages cost more than the recipe at 224 px).
+            from loaders.cpu_augment import WorkerAugment
+            hook = WorkerAugment(aug, output="uint8" if size > 64 else "float")
             for f in [f for f in formats if f in data.formats]:
                 scfg = data.source_config(f)
-                variants.append(Variant(f"{tag}/full/prototype-torch-augment-in-workers/{f}", "prototype", (
-                    lambda scfg=scfg: augment_in_workers(scfg, crops=crops, augment=aug, batch_size=batch_size,
-                                                         num_workers=num_workers, seed=seed))))
+                variants.append(Variant(f"{tag}/full/torch-worker-augment/{f}", "ours", (
+                    lambda scfg=scfg: ours(scfg, backend="torch", mode="full", crops=hook.crop_specs, augment=hook,
+                                           batch_size=batch_size, num_workers=num_workers, image_size=size,
+                                           seed=seed, options={"worker_augment": hook, "decoder": "cv2"}))))
         if "torchvision" in baselines and mode == "full":
             variants.append(Variant(f"{tag}/full/baseline-torchvision", "baseline", lambda: B.torchvision_simclr(
                 str(data.folder), size=size, batch_size=batch_size, num_workers=cores, views=views,
@@ -427,8 +388,7 @@ def run(*, sets: Sequence[str] = ("cifar", "imagenet"), n: Optional[Dict[str, in
         views: int = 2, batch_size: Optional[Dict[str, int]] = None, num_workers: Optional[int] = None,
         repeats: int = 3, window_s: float = 3.0, warmup: int = 3, stages: bool = True, stage_images: int = 512,
         preset: Optional[str] = None, cache: Optional[str] = None, out_dir=None, command: Optional[str] = None,
-        progress: bool = True, seed: int = 0, threads: Optional[int] = None,
-        prototypes: bool = True) -> "os.PathLike":
+        progress: bool = True, seed: int = 0, threads: Optional[int] = None) -> "os.PathLike":
     """Measure every variant on every set; write one record (+ PNG) and return its path.
 
     ``threads``: torch intra-op threads of the main process (default: the cores the workers leave,
@@ -449,14 +409,13 @@ def run(*, sets: Sequence[str] = ("cifar", "imagenet"), n: Optional[Dict[str, in
         return _run(sets=sets, n=n, modes=modes, backends=backends, formats=formats, baselines=baselines,
                     views=views, batch_size=batch_size, cores=cores, threads=threads, repeats=repeats,
                     window_s=window_s, warmup=warmup, stages=stages, stage_images=stage_images, preset=preset,
-                    cache=cache, out_dir=out_dir, command=command, progress=progress, seed=seed,
-                    prototypes=prototypes)
+                    cache=cache, out_dir=out_dir, command=command, progress=progress, seed=seed)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _run(*, sets, n, modes, backends, formats, baselines, views, batch_size, cores, threads, repeats, window_s,
-         warmup, stages, stage_images, preset, cache, out_dir, command, progress, seed, prototypes):
+         warmup, stages, stage_images, preset, cache, out_dir, command, progress, seed):
     from .report import plot_record
     status = {b: s for b, s in backend_status().items() if b in backends}
     results: Dict[str, Dict] = {}
@@ -470,7 +429,7 @@ def _run(*, sets, n, modes, backends, formats, baselines, views, batch_size, cor
         presets[s] = recipe
         variants, sk = build_variants(data, modes=modes, backends=status, formats=formats, baselines=baselines,
                                       views=views, batch_size=batch_size[s], num_workers=cores, preset=recipe,
-                                      seed=seed, prototypes=prototypes)
+                                      seed=seed)
         skipped.update(sk)
         # stages first: nothing else is running yet (a closed loader's threads may linger a moment)
         if stages:
@@ -534,8 +493,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=float, default=3.0, help="seconds timed per variant per round")
     p.add_argument("--warmup", type=int, default=3, help="batches pulled before timing")
     p.add_argument("--no-stages", action="store_true")
-    p.add_argument("--no-prototypes", action="store_true",
-                   help="leave out the prototype variants (full recipe with the engine in the workers)")
     p.add_argument("--stage-images", type=int, default=512)
     p.add_argument("--preset", default=None, help="augment preset (default: symmetric at 32 px, "
                                                   "imagenet_simclr at 224 px)")
@@ -550,4 +507,4 @@ def from_args(args, command: str) -> "os.PathLike":
                baselines=args.baselines, views=args.views, batch_size=bs, num_workers=args.workers,
                repeats=args.repeats, window_s=args.window, warmup=args.warmup, stages=not args.no_stages,
                stage_images=args.stage_images, preset=args.preset, cache=args.cache, out_dir=args.out,
-               command=command, threads=args.threads, prototypes=not args.no_prototypes)
+               command=command, threads=args.threads)

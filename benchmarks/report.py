@@ -78,7 +78,7 @@ def plot_record(path) -> Path:
     lo = [v["median"] - v["min"] for _, v in rows]
     hi = [v["max"] - v["median"] for _, v in rows]
     colors = {"ours": "tab:blue", "baseline": "tab:orange", "ceiling": "tab:green", "stage": "tab:gray",
-              "model": "tab:red", "e2e": "tab:blue", "prototype": "tab:cyan"}
+              "model": "tab:red", "e2e": "tab:blue"}
     ax.barh(range(len(rows)), med, xerr=[lo, hi], color=[colors.get(v.get("kind"), "tab:purple") for _, v in rows])
     ax.set_yticks(range(len(rows)), [f"{k} ({v.get('unit', '')})" for k, v in rows], fontsize=7)
     ax.invert_yaxis()

@@ -130,14 +130,16 @@ def test_loader_bench_writes_a_valid_record(data, tmp_path):
                command="fastssl bench loader --test", progress=False)
     rec = _check_record(path, name="loader", command="fastssl bench loader --test")
     r = rec["results"]
-    for k in ("32px/full/torch/shards", "32px/feed/torch/shards", "32px/full/baseline-torchvision",
+    for k in ("32px/full/torch/shards", "32px/full/torch-worker-augment/shards", "32px/feed/torch/shards",
+              "32px/full/baseline-torchvision",
               "32px/feed/ceiling-decode", "32px/stage/shards/read", "32px/stage/shards/decode",
               "32px/stage/shards/crop", "32px/stage/shards/augment"):
         assert len(r[k]["values"]) == 1, (k, r.get(k))
     share = r["32px/stage/shards/chain_one_core"]["share"]
     assert abs(sum(share.values()) - 1) < 1e-9
     t = r["32px/target/full recipe >= 7x torchvision"]
-    assert t["ratio"] == pytest.approx(r["32px/full/torch/shards"]["median"] / r["32px/full/baseline-torchvision"]["median"])
+    best = max(r[k]["median"] for k in ("32px/full/torch/shards", "32px/full/torch-worker-augment/shards"))
+    assert t["ratio"] == pytest.approx(best / r["32px/full/baseline-torchvision"]["median"])
     assert rec["config"]["backends"] == {"torch": "ok"}
 
 
