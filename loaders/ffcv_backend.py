@@ -42,7 +42,7 @@ from .base import Source
 from .batch import Batch
 from .beton import MODE_JPG, BetonSource, require_ffcv
 from .crop import CropSpec
-from .dali_backend import PlanLoader
+from .plan_loader import PlanLoader
 from .errors import ConfigError, DataError, SampleError
 
 __all__ = ["FFCVLoader", "ffcv_native_loader", "decode_views_kernel"]
@@ -115,7 +115,7 @@ def decode_views_kernel(parallel: bool = True):
 class FFCVLoader(PlanLoader):
     """Plan-driven loader over ``.beton`` sources (:class:`~loaders.beton.BetonSource`).
 
-    Shared Loader arguments (see :class:`~loaders.dali_backend.PlanLoader`) plus keyword-only
+    Shared Loader arguments (see :class:`~loaders.plan_loader.PlanLoader`) plus keyword-only
     ``flip`` (random horizontal flip p=0.5 per view, drawn with the batch's own generator, for a
     "crop+flip only" pipeline) and ``prefetch`` (batches prepared ahead by the decode threads).
     ``num_workers`` is the number of decode threads (each builds whole batches; 0 or 1 = one).

@@ -24,7 +24,7 @@ point), downscaling OpenCV's area filter instead of PIL's antialiased bilinear/b
 from __future__ import annotations
 
 import io
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,12 +35,12 @@ from .batch import Batch
 from .crop import CropSpec, rrc_params
 from .errors import DataError, SampleError
 from .mixture import Mixture, Plan
+from .plan_loader import PlanLoader, rng_key
 
 __all__ = ["TorchLoader", "BatchMaker"]
 
 _ON_ERROR = ("raise", "skip")
 _DECODERS = ("pil", "cv2")
-_M64 = (1 << 64) - 1
 
 
 def _pil_resample(name: str):
@@ -171,7 +171,7 @@ class BatchMaker:
         keep = np.asarray(keep, dtype=np.int64)
         skipped = len(src) - len(keep)
         if self.crops is not None:
-            rng = np.random.default_rng([self.seed & _M64, self.plan.rank, first_item])
+            rng = np.random.default_rng(rng_key(self.seed, self.plan.rank, first_item))
             flips = self._flips(first_item, len(images), len(self.crops))
             crop = self._crop_views_cv2 if self.decoder == "cv2" else self._crop_views
             views = crop(images, rng, flips)
@@ -180,7 +180,7 @@ class BatchMaker:
             if self.flip:
                 views = [_flip_rows(views[0], self._flips(first_item, len(images), 1)[:, 0])]
         if self.worker_augment is not None:
-            views = list(self.worker_augment(views, (self.seed & _M64, self.plan.rank, first_item)))
+            views = list(self.worker_augment(views, tuple(rng_key(self.seed, self.plan.rank, first_item))))
         return Batch(views=views, index=torch.from_numpy(gid[keep]), source=torch.from_numpy(src[keep]),
                      label=torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)), skipped=skipped)
 
@@ -189,7 +189,7 @@ class BatchMaker:
         change with ``flip``), or None without ``flip``."""
         if not self.flip:
             return None
-        rng = np.random.default_rng([self.seed & _M64, self.plan.rank, first_item, 1])
+        rng = np.random.default_rng(rng_key(self.seed, self.plan.rank, first_item) + [1])
         return rng.random((n, views)) < 0.5
 
     def _crop_views_cv2(self, images: List[np.ndarray], rng: np.random.Generator,
@@ -305,7 +305,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
             b += step
 
 
-class TorchLoader:
+class TorchLoader(PlanLoader):
     """Iterate uint8 :class:`Batch` es of one rank's plan with DataLoader workers.
 
     Args:
@@ -329,16 +329,19 @@ class TorchLoader:
         flip: random horizontal flip (p=0.5 per sample and view) done while cropping (then
             ``loader.flip`` is True and the device engine need not flip).
 
-    ``len(loader)`` is the number of batches left. ``state_dict()`` taken between batches
-    resumes (``load_state_dict`` before iterating) at exactly the next sample.
+    Validation, the cursor, ``len``, ``skipped`` and ``state_dict``/``load_state_dict`` come from
+    :class:`~loaders.plan_loader.PlanLoader`: ``len(loader)`` is the number of batches left, and
+    ``state_dict()`` taken between batches resumes (``load_state_dict`` before iterating) at
+    exactly the next sample.
     """
+
+    backend = "torch"
 
     def __init__(self, sources: Sequence[Source], mixture: Mixture, *, batch_size: int,
                  crops: Optional[Sequence[CropSpec]] = None, resize: Optional[int] = None, rank: int = 0,
                  world_size: int = 1, num_workers: int = 2, seed: int = 0, on_error: str = "raise",
                  pin_memory: bool = False, prefetch_factor: int = 2, drop_last: bool = True,
                  worker_augment: Optional[Callable] = None, decoder: str = "pil", flip: bool = False):
-        sources = list(sources)
         if decoder not in _DECODERS:
             raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
         if decoder == "cv2":
@@ -346,50 +349,15 @@ class TorchLoader:
                 import cv2  # noqa: F401
             except ImportError as e:
                 raise ValueError(f"decoder='cv2' needs OpenCV (pip install opencv-python-headless): {e}") from e
-        if len(sources) != mixture.num_sources:
-            raise ValueError(f"{len(sources)} sources for a mixture of {mixture.num_sources}")
-        for s, (src, n) in enumerate(zip(sources, mixture.sizes.tolist())):
-            if len(src) != n:
-                raise ValueError(f"source '{mixture.names[s]}' has {len(src)} samples but the mixture expects {n}")
-        if on_error not in _ON_ERROR:
-            raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
-        if crops is not None:
-            crops = list(crops)
-            if not crops or not all(isinstance(c, CropSpec) for c in crops):
-                raise ValueError(f"crops must be a non-empty list of CropSpec, got {crops!r}")
-        if resize is not None and (not isinstance(resize, int) or resize <= 0):
-            raise ValueError(f"resize must be a positive integer or None, got {resize!r}")
-        self.sources = sources
-        self.mixture = mixture
-        self.crops = crops
-        self.resize = resize
-        self.seed = seed
-        self.on_error = on_error
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
         if worker_augment is not None and not callable(worker_augment):
             raise ValueError(f"worker_augment must be callable f(views, seed_key) -> views, got {worker_augment!r}")
+        super().__init__(sources, mixture, batch_size=batch_size, crops=crops, resize=resize, rank=rank,
+                         world_size=world_size, num_workers=num_workers, seed=seed, on_error=on_error,
+                         pin_memory=pin_memory, drop_last=drop_last)
+        self.prefetch_factor = prefetch_factor
         self.worker_augment = worker_augment
         self.decoder = decoder
         self.flip = bool(flip)
-        self._plan = Plan(mixture, batch_size=batch_size, rank=rank, world_size=world_size, drop_last=drop_last)
-        #: samples skipped under on_error="skip", in the batches handed out so far
-        self.skipped = 0
-        self._iterating = False
-
-    @property
-    def batch_size(self) -> int:
-        return self._plan.batch_size
-
-    @property
-    def plan(self) -> Plan:
-        return self._plan
-
-    def __len__(self) -> int:
-        return len(self._plan)
 
     def __iter__(self):
         plan = self._plan.copy()  # frozen cursor for the workers; self._plan counts handed-out batches
@@ -417,16 +385,3 @@ class TorchLoader:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
-
-    def state_dict(self) -> Dict[str, object]:
-        """The plan cursor after the batches handed out so far, plus the skipped count."""
-        return {"plan": self._plan.state_dict(), "skipped": int(self.skipped)}
-
-    def load_state_dict(self, sd: Dict[str, object]) -> None:
-        """Resume at the next sample (call before iterating)."""
-        if self._iterating:
-            raise RuntimeError("load_state_dict() while iterating: call it before the for-loop")
-        if "plan" not in sd:
-            raise ValueError(f"loader state_dict lacks 'plan'; got keys {sorted(sd)}")
-        self._plan.load_state_dict(sd["plan"])
-        self.skipped = int(sd.get("skipped", 0))
