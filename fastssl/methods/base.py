@@ -112,6 +112,15 @@ class Method(nn.Module):
         self.progress = 0.0
 
     # -- momentum ------------------------------------------------------------------------
+    def add_momentum_encoders(self, pairs: dict[str, nn.Module], *, tau_base: float, tau_final: float) -> None:
+        """Make a frozen EMA copy of each online module: ``pairs`` maps the copy's attribute name to
+        its online module (e.g. ``{"momentum_backbone": self.backbone}``); the copies follow
+        :meth:`update_momentum`'s schedule from ``tau_base`` to ``tau_final``."""
+        for name, online in pairs.items():
+            setattr(self, name, momentum_copy(online))
+            self.momentum_pairs.append((online, getattr(self, name)))
+        self.tau_base, self.tau_final, self.tau = tau_base, tau_final, tau_base
+
     def update_momentum(self, progress: float) -> float:
         """EMA step of every momentum encoder with ``tau = cosine_increase(progress, tau_base, tau_final)``
         (``progress = step / total_steps``); call after every ``optimizer.step()``. Also records

@@ -5,7 +5,7 @@ import torch
 
 from fastssl.losses import byol_loss
 from fastssl.methods import register_method
-from fastssl.methods.base import Method, MethodOutput, momentum_copy
+from fastssl.methods.base import Method, MethodOutput
 from fastssl.models.heads import prediction_mlp, projection_mlp
 
 
@@ -35,10 +35,8 @@ class BYOL(Method):
         super().__init__(backbone=backbone, feat_dim=feat_dim)
         self.projector = projection_mlp(feat_dim, proj_hidden_dim, proj_output_dim, hidden_bn=True)
         self.predictor = prediction_mlp(proj_output_dim, pred_hidden_dim)
-        self.momentum_backbone = momentum_copy(self.backbone)
-        self.momentum_projector = momentum_copy(self.projector)
-        self.momentum_pairs = [(self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)]
-        self.tau_base, self.tau_final, self.tau = tau_base, tau_final, tau_base
+        self.add_momentum_encoders({"momentum_backbone": self.backbone, "momentum_projector": self.projector},
+                                   tau_base=tau_base, tau_final=tau_final)
 
     def forward(self, views: list[torch.Tensor]) -> MethodOutput:
         self.check_views(views)

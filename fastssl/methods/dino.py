@@ -5,7 +5,7 @@ import torch
 
 from fastssl.losses import DINOLoss
 from fastssl.methods import register_method
-from fastssl.methods.base import Method, MethodOutput, encode_views, momentum_copy
+from fastssl.methods.base import Method, MethodOutput, encode_views
 from fastssl.models.heads import DINOHead
 
 
@@ -44,10 +44,8 @@ class DINO(Method):
         self.n_global = n_global
         self.head = DINOHead(feat_dim, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
                              norm_last_layer=norm_last_layer)
-        self.teacher_backbone = momentum_copy(self.backbone)
-        self.teacher_head = momentum_copy(self.head)
-        self.momentum_pairs = [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
-        self.tau_base, self.tau_final, self.tau = tau_base, tau_final, tau_base
+        self.add_momentum_encoders({"teacher_backbone": self.backbone, "teacher_head": self.head},
+                                   tau_base=tau_base, tau_final=tau_final)
         self.criterion = DINOLoss(out_dim, n_global=n_global, student_temp=student_temp,
                                   teacher_temp=teacher_temp, warmup_teacher_temp=warmup_teacher_temp,
                                   teacher_temp_warmup=teacher_temp_warmup, center_momentum=center_momentum)
