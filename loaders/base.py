@@ -18,7 +18,7 @@ import numpy as np
 from .errors import ConfigError, DataError, SampleError, check_keys
 
 __all__ = [
-    "Source", "ArraySource", "Sample", "register_source", "build_source", "SOURCES",
+    "Source", "InMemorySource", "ArraySource", "Sample", "register_source", "build_source", "SOURCES",
     "decode_image",
 ]
 
@@ -108,8 +108,26 @@ class Source:
         return int(i)
 
 
+class InMemorySource(Source):
+    """A source whose samples are rows of ``self.images`` (``uint8 [N, H, W, 3]``, RGB) with labels
+    ``self._labels`` (``int64 [N]``): reading is an index, nothing to decode."""
+
+    images: np.ndarray
+    _labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def read(self, i: int) -> Sample:
+        i = self._check_index(i)
+        return self.images[i], int(self._labels[i])
+
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+
 @register_source("array")
-class ArraySource(Source):
+class ArraySource(InMemorySource):
     """In-memory ``uint8 [N, H, W, 3]`` images and ``int [N]`` labels (tests, generated data)."""
 
     config_keys = ("images", "labels", "name")
@@ -126,13 +144,3 @@ class ArraySource(Source):
         if self._labels.shape != (len(images),):
             raise DataError(f"array source '{name}': {len(images)} images but labels of shape {self._labels.shape}")
         self.name = name
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def read(self, i: int) -> Sample:
-        i = self._check_index(i)
-        return self.images[i], int(self._labels[i])
-
-    def labels(self) -> np.ndarray:
-        return self._labels

@@ -18,7 +18,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import Sample, Source, register_source
+from .base import InMemorySource, Sample, Source, register_source
 from .errors import DataError, SampleError
 
 __all__ = [
@@ -370,7 +370,7 @@ def _load_cifar_file(path: str, label_key: bytes) -> Tuple[np.ndarray, np.ndarra
 
 
 @register_source("cifar")
-class CIFARSource(Source):
+class CIFARSource(InMemorySource):
     """CIFAR-10 or CIFAR-100 in torchvision's on-disk python format.
 
     ``root`` is the directory holding ``cifar-10-batches-py``/``cifar-100-python`` or that
@@ -404,7 +404,6 @@ class CIFARSource(Source):
         self._images: Optional[np.ndarray] = None
         self._load()
         self._labels = self._lbl
-        self._n = len(self._labels)
 
     def _load(self) -> None:
         parts = [_load_cifar_file(f, self._label_key) for f in self.files]
@@ -423,16 +422,6 @@ class CIFARSource(Source):
         if self._images is None:
             self._load()
         return self._images
-
-    def __len__(self) -> int:
-        return self._n
-
-    def read(self, i: int) -> Sample:
-        i = self._check_index(i)
-        return self.images[i], int(self._labels[i])
-
-    def labels(self) -> np.ndarray:
-        return self._labels
 
     def describe(self, i: int) -> str:
         return f"{self.dir}:{'train' if self.train else 'test'}[{i}]"

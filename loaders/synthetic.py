@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .base import Sample, Source, register_source
+from .base import InMemorySource, register_source
 from .errors import ConfigError
 
 __all__ = ["SyntheticSource", "synthetic_arrays", "SHAPES", "VARIANTS", "SPLITS"]
@@ -260,7 +260,7 @@ def synthetic_arrays(n: int, size: int = 32, seed: int = 0, variant: str = "real
 
 
 @register_source("synthetic")
-class SyntheticSource(Source):
+class SyntheticSource(InMemorySource):
     """The synthetic set as a source of ``uint8 [size, size, 3]`` RGB arrays.
 
     ``images`` (``uint8 [n, size, size, 3]``) and ``true_labels`` hold the whole set;
@@ -282,16 +282,6 @@ class SyntheticSource(Source):
     def classes(self):
         return [SHAPES[c % len(SHAPES)][0] + ("_striped" if c >= len(SHAPES) else "")
                 for c in range(self.num_classes)]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def read(self, i: int) -> Sample:
-        i = self._check_index(i)
-        return self.images[i], int(self._labels[i])
-
-    def labels(self) -> np.ndarray:
-        return self._labels
 
     def describe(self, i: int) -> str:
         return f"synthetic(variant={self.variant}, split={self.split}, seed={self.seed})[{i}]"
