@@ -9,6 +9,7 @@ import importlib
 import os
 
 import pytest
+import torch
 
 EXTRAS = {"nvidia.dali": "dali", "ffcv": "ffcv", "cv2": "ffcv", "webdataset": "wds", "timm": "vit",
           "kornia": "bench"}
@@ -25,3 +26,13 @@ def pytest_sessionstart(session):
             missing.append(f"{module} (fastssl[{extra}]): {type(e).__name__}: {e}")
     if missing:
         raise pytest.UsageError("FASTSSL_REQUIRE_EXTRAS=1 but these extras do not import:\n  " + "\n  ".join(missing))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster than oversubscribing a shared CPU
+    (test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ B = 8
 TRAIN_OVERRIDES = {"mocov2": {"tau_base": 0.5, "tau_final": 0.5}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_hparams(name: str) -> dict:

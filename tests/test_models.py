@@ -10,13 +10,7 @@ from fastssl.models import DINOHead, MLP, Prototypes, build_backbone, export_bac
 from loaders.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models: one intra-op thread is faster than oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name,width,feat", [("resnet18", 8, 64), ("resnet18", 16, 128), ("resnet50", 8, 256)])
