@@ -20,6 +20,8 @@ extras = {
     "wds": ["webdataset>=0.2"],
     "vit": ["timm>=1.0"],
     "bench": ["kornia>=0.7"],
+    # the torch backend's fast CPU path: OpenCV resize/augment, simplejpeg's libjpeg-turbo decode
+    "fast": ["opencv-python-headless", "simplejpeg>=1.7"],
     "dev": ["pytest>=8", "pytest-timeout", "scipy>=1.10", "webdataset>=0.2", "timm>=1.0"],
 }
 extras["all"] = sorted({p for v in extras.values() for p in v})

@@ -18,11 +18,16 @@ here (``flip=True``, drawn per sample and view from ``(seed, rank, position, 1)`
 out channels-last, as the FFCV backend's): 32 px, 2 views, CPU per sample here 45 us from JPEG
 shards vs 182 us with PIL (21 vs 104 us from arrays). Same crop boxes, same flips; the resampling differs slightly from torchvision's PIL
 filters: upscaling uses OpenCV's bilinear/bicubic (bicubic a=-0.75 vs PIL's -0.5, 11-bit fixed
-point), downscaling OpenCV's area filter instead of PIL's antialiased bilinear/bicubic
-(tests bound the per-pixel mean difference). The default ``decoder="pil"`` is torchvision-exact.
+point); reductions by less than :data:`AREA_MIN_FACTOR` use the same filter (OpenCV's area
+filter costs ~5x the cubic one on such non-integer factors: 480 vs 90 us for a 256 -> 224 px
+crop here, and PIL's antialiasing changes little there), larger ones OpenCV's area filter
+instead of PIL's antialiased bilinear/bicubic (tests bound the per-pixel mean difference).
+JPEG bytes are decoded by simplejpeg when installed (pixel-identical to OpenCV and PIL, faster).
+The default ``decoder="pil"`` is torchvision-exact.
 """
 from __future__ import annotations
 
+import functools
 import io
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -41,6 +46,8 @@ __all__ = ["TorchLoader", "BatchMaker"]
 
 _ON_ERROR = ("raise", "skip")
 _DECODERS = ("pil", "cv2")
+#: decoder="cv2": crops reduced by at least this factor (longer side) use OpenCV's area filter
+AREA_MIN_FACTOR = 1.5
 
 
 def _pil_resample(name: str):
@@ -77,8 +84,16 @@ def _open_cv2(data: Union[bytes, np.ndarray], source: Source, index: int) -> np.
     import cv2
     if isinstance(data, np.ndarray):
         return _open(data, source, index)
+    _SIMPLEJPEG, _IMREAD_RGB = _fast_decoders()
+    if _SIMPLEJPEG is not None and data[:2] == b"\xff\xd8":
+        # JPEG: simplejpeg's libjpeg-turbo decodes straight to RGB, pixel-identical to
+        # cv2.imdecode and PIL (same libjpeg-turbo ISLOW path; tests compare), 10-30% faster here
+        try:
+            return _SIMPLEJPEG.decode_jpeg(data, colorspace="RGB")
+        except (ValueError, RuntimeError):
+            pass  # CMYK, arithmetic coding, ...: OpenCV below decodes or names the error
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # BGR; gray/alpha -> 3 ch
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD_RGB or cv2.IMREAD_COLOR)  # gray/alpha -> 3 ch
         err = None
     except cv2.error as e:
         img, err = None, e
@@ -86,7 +101,18 @@ def _open_cv2(data: Union[bytes, np.ndarray], source: Source, index: int) -> np.
         where = source.describe(index)
         raise SampleError(f"{where}: sample {index} cannot be decoded (cv2.imdecode: {err or 'not an image'})",
                           path=where, index=index)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img if _IMREAD_RGB else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_decoders():
+    """(simplejpeg module or None, OpenCV >= 4.11's decode-to-RGB flag or None), looked up once."""
+    try:
+        import simplejpeg  # optional (extra "fast"): the cv2 decoder's JPEG path
+    except ImportError:
+        simplejpeg = None
+    import cv2
+    return simplejpeg, getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 def _size(img) -> tuple:
@@ -102,13 +128,17 @@ def _as_pil(img):
     return img
 
 
-def _hwc_to_batch(out: np.ndarray) -> torch.Tensor:
-    """uint8 [B,H,W,3] -> contiguous uint8 [B,3,H,W].
+def _hwc_to_batch(out: np.ndarray, alloc=None) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> contiguous uint8 [B,3,H,W] (in memory from ``alloc(shape, dtype)`` if given).
 
     Speed: one batched copy beats B strided per-sample copies; numpy's single-threaded
     transpose copy is ~3x faster than torch's ``permute().contiguous()`` on uint8 here and
     never competes for cores with intra-op threads (20x slower in-process on a busy machine).
     """
+    if alloc is not None:
+        dst = alloc((out.shape[0], out.shape[3], out.shape[1], out.shape[2]), torch.uint8)
+        np.copyto(dst.numpy(), out.transpose(0, 3, 1, 2))
+        return dst
     return torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
 
 
@@ -146,8 +176,34 @@ class BatchMaker:
         self.decoder = decoder
         self.flip = bool(flip)
         self._cv2_ready = False
+        self.ring = None    # a SlabRing (set by TorchLoader before its workers fork)
+        self.worker = 0     # this worker's id (set by _BatchStream in the worker)
 
-    def __call__(self, b: int) -> Batch:
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["ring"] = None    # shared by fork only; a pickled maker writes ordinary tensors
+        return d
+
+    def __call__(self, b: int) -> Union[Batch, "_SlabBatch"]:
+        writer = self.ring.writer(self.worker) if self.ring is not None else None
+        try:
+            out = self._make(b, writer)
+        except BaseException:
+            if writer is not None:
+                self.ring.release(writer.slot)
+            raise
+        if writer is None:
+            return out
+        ref = writer.ref(out.views)
+        if ref is None:
+            # a view outside the slot (a fresh tensor from the hook, or the slot was too small):
+            # send ordinary tensors; copies of the in-slot ones, as the slot is reused at once
+            out = out.with_views([v.clone() if writer.offset(v) is not None else v for v in out.views])
+            self.ring.release(writer.slot)
+            return out
+        return _SlabBatch(ref, out.index, out.source, out.label, out.skipped)
+
+    def _make(self, b: int, writer=None) -> Batch:
         src, smp, gid = self.plan.batch(b)
         first_item = int(self.plan.samples + b * self.plan.batch_size)
         images, keep, labels = [], [], []
@@ -174,13 +230,19 @@ class BatchMaker:
             rng = np.random.default_rng(rng_key(self.seed, self.plan.rank, first_item))
             flips = self._flips(first_item, len(images), len(self.crops))
             crop = self._crop_views_cv2 if self.decoder == "cv2" else self._crop_views
-            views = crop(images, rng, flips)
+            # the crops are the output unless a hook follows: then they are scratch and the hook
+            # writes its output to the slot (if it can)
+            views = crop(images, rng, flips, alloc=writer if self.worker_augment is None else None)
         else:
             views = [self._resize_view(images, src[keep], smp[keep])]
             if self.flip:
                 views = [_flip_rows(views[0], self._flips(first_item, len(images), 1)[:, 0])]
         if self.worker_augment is not None:
-            views = list(self.worker_augment(views, tuple(rng_key(self.seed, self.plan.rank, first_item))))
+            key = tuple(rng_key(self.seed, self.plan.rank, first_item))
+            if writer is not None and getattr(self.worker_augment, "accepts_alloc", False):
+                views = list(self.worker_augment(views, key, alloc=writer))
+            else:
+                views = list(self.worker_augment(views, key))
         return Batch(views=views, index=torch.from_numpy(gid[keep]), source=torch.from_numpy(src[keep]),
                      label=torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)), skipped=skipped)
 
@@ -193,7 +255,7 @@ class BatchMaker:
         return rng.random((n, views)) < 0.5
 
     def _crop_views_cv2(self, images: List[np.ndarray], rng: np.random.Generator,
-                        flips: Optional[np.ndarray] = None) -> List[torch.Tensor]:
+                        flips: Optional[np.ndarray] = None, alloc=None) -> List[torch.Tensor]:
         """The fast path: ``cv2.resize`` per crop (bilinear/bicubic up, area down) and ``cv2.flip``
         written straight into the preallocated ``[B,S,S,3]`` batch; views are ``[B,3,S,S]``
         permuted views of it (channels-last memory)."""
@@ -208,12 +270,12 @@ class BatchMaker:
                 cv2.INTER_NEAREST if spec.interpolation == "nearest" else cv2.INTER_LINEAR)
             down = cv2.INTER_NEAREST if spec.interpolation == "nearest" else cv2.INTER_AREA
             fl = flips[:, v].tolist() if flips is not None else [False] * n
-            out = np.empty((n, S, S, 3), np.uint8)
+            out = alloc((n, S, S, 3), torch.uint8).numpy() if alloc is not None else np.empty((n, S, S, 3), np.uint8)
             for i, (top, left, h, w) in enumerate(boxes.tolist()):
                 crop = images[i][top:top + h, left:left + w]  # a view: cv2 reads the ROI in place
                 o = out[i]
                 if h != S or w != S:  # resample straight into the batch (dst= of the exact shape)
-                    cv2.resize(crop, (S, S), dst=o, interpolation=down if (h > S or w > S) else up)
+                    cv2.resize(crop, (S, S), dst=o, interpolation=down if max(h, w) >= AREA_MIN_FACTOR * S else up)
                 else:
                     o[...] = crop
                 if fl[i]:
@@ -224,7 +286,7 @@ class BatchMaker:
         return views
 
     def _crop_views(self, images: List, rng: np.random.Generator,
-                    flips: Optional[np.ndarray] = None) -> List[torch.Tensor]:
+                    flips: Optional[np.ndarray] = None, alloc=None) -> List[torch.Tensor]:
         n = len(images)
         hw = np.asarray([_size(im) for im in images], dtype=np.int64).reshape(n, 2)
         views = []
@@ -253,7 +315,7 @@ class BatchMaker:
             if flips is not None:
                 f = flips[:, len(views)]
                 out[f] = out[f][:, :, ::-1]  # batched: one masked copy per view
-            views.append(_hwc_to_batch(out))
+            views.append(_hwc_to_batch(out, alloc))
         return views
 
     def _resize_view(self, images: List, src: np.ndarray, smp: np.ndarray) -> torch.Tensor:
@@ -289,6 +351,20 @@ def _flip_rows(view: torch.Tensor, flips: np.ndarray) -> torch.Tensor:
     return view
 
 
+class _SlabBatch:
+    """What a worker sends for a batch whose views are in a slab slot: the slot's
+    :class:`~loaders.shm.SlabRef` and the small per-sample tensors."""
+
+    __slots__ = ("ref", "index", "source", "label", "skipped")
+
+    def __init__(self, ref, index, source, label, skipped):
+        self.ref, self.index, self.source, self.label, self.skipped = ref, index, source, label, skipped
+
+    def open(self, ring) -> Batch:
+        return Batch(views=ring.open(self.ref), index=self.index, source=self.source, label=self.label,
+                     skipped=self.skipped)
+
+
 class _BatchStream(torch.utils.data.IterableDataset):
     """Worker ``k`` of ``K`` yields batches ``k, k+K, ...`` (< ``num_batches``; forever if None)."""
 
@@ -300,6 +376,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         b, step = (0, 1) if info is None else (info.id, info.num_workers)
+        self.maker.worker = b
         while self.num_batches is None or b < self.num_batches:
             yield self.maker(b)
             b += step
@@ -328,6 +405,13 @@ class TorchLoader(PlanLoader):
             resize: the fast path; slightly different resampling, see the module doc).
         flip: random horizontal flip (p=0.5 per sample and view) done while cropping (then
             ``loader.flip`` is True and the device engine need not flip).
+        shared_slots: slots per worker of the shared-memory slab ring (:mod:`loaders.shm`):
+            workers write each batch's views into a reused shared slot instead of a fresh
+            segment, and the main process reads them in place; a slot returns to its worker when
+            the batch's tensors are garbage-collected (keeping a batch keeps it valid). ``0``
+            turns it off; default ``prefetch_factor + 2`` (enough that a consumer that drops each
+            batch before the next but one never finds them all held); it is off anyway without workers, without ``crops``, with
+            ``pin_memory`` or under a non-fork start method.
 
     Validation, the cursor, ``len``, ``skipped`` and ``state_dict``/``load_state_dict`` come from
     :class:`~loaders.plan_loader.PlanLoader`: ``len(loader)`` is the number of batches left, and
@@ -341,7 +425,8 @@ class TorchLoader(PlanLoader):
                  crops: Optional[Sequence[CropSpec]] = None, resize: Optional[int] = None, rank: int = 0,
                  world_size: int = 1, num_workers: int = 2, seed: int = 0, on_error: str = "raise",
                  pin_memory: bool = False, prefetch_factor: int = 2, drop_last: bool = True,
-                 worker_augment: Optional[Callable] = None, decoder: str = "pil", flip: bool = False):
+                 worker_augment: Optional[Callable] = None, decoder: str = "pil", flip: bool = False,
+                 shared_slots: Optional[int] = None):
         if decoder not in _DECODERS:
             raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
         if decoder == "cv2":
@@ -358,12 +443,33 @@ class TorchLoader(PlanLoader):
         self.worker_augment = worker_augment
         self.decoder = decoder
         self.flip = bool(flip)
+        if shared_slots is None:
+            # in flight per worker: prefetch_factor batches, the one being received and the one
+            # the consumer still holds while asking for the next
+            shared_slots = prefetch_factor + 2
+        if not isinstance(shared_slots, int) or shared_slots < 0:
+            raise ValueError(f"shared_slots must be an integer >= 0, got {shared_slots!r}")
+        self.shared_slots = shared_slots
+        self.ring = None  # the last iteration's SlabRing (None when off)
+
+    def _make_ring(self):
+        """A :class:`~loaders.shm.SlabRing` sized for one batch's output views, or None when off."""
+        from .shm import SlabRing, ring_supported
+        if (self.shared_slots == 0 or self.num_workers == 0 or not self.crops or self.pin_memory
+                or not ring_supported()):
+            return None
+        # bytes per sample of the views the workers return: uint8 crops, or what the hook makes
+        # (WorkerAugment says its output dtype; an unknown hook is assumed float32)
+        itemsize = 1 if self.worker_augment is None else int(getattr(self.worker_augment, "output_itemsize", 4))
+        per_sample = sum(3 * c.size * c.size * itemsize + 64 for c in self.crops)
+        return SlabRing(self.num_workers, self.shared_slots, self.batch_size * per_sample)
 
     def __iter__(self):
         plan = self._plan.copy()  # frozen cursor for the workers; self._plan counts handed-out batches
         maker = BatchMaker(self.sources, plan, crops=self.crops, resize=self.resize, seed=self.seed,
                            on_error=self.on_error, worker_augment=self.worker_augment, decoder=self.decoder,
                            flip=self.flip)
+        ring = maker.ring = self.ring = self._make_ring()
         stream = _BatchStream(maker, plan.num_batches)
         if self.num_workers == 0:
             it = iter(stream)
@@ -375,6 +481,8 @@ class TorchLoader(PlanLoader):
         self._iterating = True
         try:
             for batch in it:
+                if isinstance(batch, _SlabBatch):
+                    batch = batch.open(ring)
                 if self.num_workers == 0 and self.pin_memory:
                     batch = batch.pin_memory()
                 self._plan.advance(1)

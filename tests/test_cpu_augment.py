@@ -176,3 +176,54 @@ def test_channels_last_input_reads_in_place_with_the_same_result():
     hook = WorkerAugment(aug, impl="cv2")
     for a, b in zip(hook(views, (2, 0, 10)), hook(cl, (2, 0, 10))):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ precision="uint8"
+_TV = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation, 3: TF.adjust_hue}
+
+
+def _tv_chain(im01, chain):
+    for k, f in chain:
+        im01 = TF.rgb_to_grayscale(im01, num_output_channels=3) if k == 4 else _TV[k](im01, f)
+    return im01
+
+
+@pytest.mark.parametrize("chain,max_tol,mean_tol", [
+    ([(0, 0.3)], 0.51, 0.3), ([(0, 1.7)], 0.51, 0.3), ([(1, 0.4)], 0.51, 0.3), ([(1, 1.8)], 0.51, 0.3),
+    ([(2, 0.5)], 0.7, 0.3), ([(2, 1.8)], 0.7, 0.3), ([(4, 1.0)], 0.6, 0.3),
+    # fused runs: clamps where torchvision's are (factor > 1), one rounding per applied run
+    ([(0, 1.5), (2, 0.5), (1, 0.7), (4, 1.0)], 1.0, 0.35), ([(2, 0.3), (1, 0.5), (0, 0.8)], 0.7, 0.3),
+    # hue: OpenCV's 8-bit HSV (H in 1/256 turn, as PIL's HSV in torchvision's PIL path)
+    ([(3, -0.2)], 12.0, 1.0), ([(3, 0.13)], 12.0, 1.0), ([(1, 0.6), (0, 0.9), (3, 0.1), (2, 1.4)], 12.0, 1.2),
+], ids=lambda c: str(c))
+def test_uint8_affine_chain_matches_torchvision(chain, max_tol, mean_tol):
+    """Each uint8 op (and fused runs of them) against torchvision's float ops on the same
+    parameters, in levels of 255: affine runs within one rounding, hue within its 8-bit H."""
+    for img8 in (smooth(4, 24), noise(4, 24)):
+        for im in img8:
+            x = np.ascontiguousarray(im.permute(1, 2, 0).numpy())
+            out = torch.from_numpy(CA._affine_chain_u8(cv2, x, chain)).permute(2, 0, 1).float()
+            d = (out - _tv_chain(im.float() / 255, chain) * 255).abs()
+            assert d.max() <= max_tol and d.mean() <= mean_tol, (chain, d.max(), d.mean())
+    x = np.ascontiguousarray(noise(1, 8)[0].permute(1, 2, 0).numpy())
+    assert CA._hue_u8(cv2, x, 0.001) is x     # rounds to a zero shift: the identity, no HSV round trip
+
+
+@pytest.mark.parametrize("preset,size", [("symmetric", 32), ("imagenet_simclr", 64)])
+def test_uint8_precision_views_close_to_the_engine(preset, size):
+    aug = Augment.from_preset(preset, size=size)
+    views = [smooth(24, size), noise(24, size)]
+    key = (0, 0, 96)
+    ref = aug(as_batch(views), step=step_for(key), crop=False).views
+    hook = WorkerAugment(aug, impl="cv2", precision="uint8")
+    out = hook(views, key)
+    std = torch.tensor(aug.std).reshape(1, 3, 1, 1)
+    for o, r in zip(out, ref):
+        d = ((o - r) * std * 255).abs().flatten()          # levels of 255
+        assert d.mean() < 0.6 and torch.quantile(d[::5], 0.99) < 4.5 and d.max() <= 16, (d.mean(), d.max())
+    assert all(torch.equal(a, b) for a, b in zip(out, hook(views, key)))          # deterministic
+    u8 = WorkerAugment(aug, impl="cv2", precision="uint8", output="uint8")
+    for a, b in zip(u8.finish(u8(views, key)), out):  # uint8 output: the same image, normalised later
+        assert (a - b).abs().max() <= 2e-4
+    with pytest.raises(ConfigError, match="precision"):
+        WorkerAugment(aug, precision="half")
