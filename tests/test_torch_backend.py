@@ -356,3 +356,20 @@ def test_cv2_mild_reductions_resample_like_pil():
         d = (a.float() - b.float()).abs()
         assert d.mean() < 1.0, d.mean()
     assert T.AREA_MIN_FACTOR > 72 / 64
+
+
+@pytest.mark.parametrize("decoder", ["pil", "cv2"])
+def test_hook_returning_its_crops_never_sees_them_overwritten(decoder):
+    """With a worker hook the crop buffers are reused from batch to batch; a hook that hands the
+    crops back (or a view of them) must still get distinct, intact batches."""
+    if decoder == "cv2":
+        pytest.importorskip("cv2")
+    src = _array_source(n=32, h=24, w=20)
+    crops = [CropSpec(16), CropSpec(12)]
+    kw = dict(batch_size=8, crops=crops, num_workers=0, seed=4, decoder=decoder)
+    want = [b.views for b in TorchLoader([src], Mixture([32], budget=32, seed=0), **kw)]
+    for hook in (lambda views, key: views, lambda views, key: [v[:, :, 1:] for v in views]):
+        got = [b.views for b in TorchLoader([src], Mixture([32], budget=32, seed=0), worker_augment=hook, **kw)]
+        assert len(got) == len(want) == 4
+        for g, w in zip(got, want):
+            assert all(torch.equal(x, y[:, :, -x.shape[2]:]) for x, y in zip(g, w))
