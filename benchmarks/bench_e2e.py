@@ -176,7 +176,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=float, default=10.0, help="seconds timed per variant per round")
     p.add_argument("--warmup", type=int, default=2, help="steps before timing")
     p.add_argument("--device", default=None)
-    p.add_argument("--preset", default=None, help="default: symmetric (cifar), imagenet_simclr (imagenet)")
+    p.add_argument("--preset", default=None, help="default: symmetric, at the set's size")
     p.add_argument("--cache", default=None)
     p.add_argument("--out", default=None)
 

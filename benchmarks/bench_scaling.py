@@ -86,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--window", type=float, default=2.0)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--preset", default=None, help="default: symmetric (cifar), imagenet_simclr (imagenet)")
+    p.add_argument("--preset", default=None, help="default: symmetric, at the set's size")
     p.add_argument("--cache", default=None)
     p.add_argument("--out", default=None)
 

@@ -75,6 +75,9 @@ _OUTPUTS = ("float", "uint8")
 _PRECISIONS = ("float", "uint8")
 #: blur taps beyond ceil(TAIL_SIGMAS * sigma) are dropped (their weight sums to < 1e-4)
 TAIL_SIGMAS = 4.0
+#: precision="uint8" cuts at 3 sigma and renormalises (the tail weighs 0.27%: under half a level
+#: of 255 on the sharpest edge, below the op's own rounding; ~20% less blur time at 224 px)
+TAIL_SIGMAS_U8 = 3.0
 
 
 def step_for(seed_key: Sequence[int]) -> int:
@@ -220,16 +223,19 @@ def _affine_chain_u8(cv2, x, ops):
     return x
 
 
-def _blur_taps(sigma: torch.Tensor, kernel_size: int) -> List[np.ndarray]:
+def _blur_taps(sigma: torch.Tensor, kernel_size: int, tail: float = TAIL_SIGMAS,
+               renormalize: bool = False) -> List[np.ndarray]:
     """The engine's normalised Gaussian taps (``gaussian_kernel1d``) per sample, cut to the
-    central ``2 * min(half, ceil(4 sigma)) + 1`` (speed: ~2.5x fewer taps on average for a
-    23-tap kernel; the dropped taps weigh < 1e-4 of the sum)."""
+    central ``2 * min(half, ceil(tail * sigma)) + 1`` (speed: ~2.5x fewer taps on average for a
+    23-tap kernel; at the default 4 sigma the dropped taps weigh < 1e-4 of the sum), rescaled to
+    sum to 1 with ``renormalize``."""
     k = AF.gaussian_kernel1d(sigma, kernel_size).numpy()
     half = kernel_size // 2
     out = []
     for row, s in zip(k, sigma.tolist()):
-        r = min(half, int(math.ceil(TAIL_SIGMAS * s)))
-        out.append(np.ascontiguousarray(row[half - r:half + r + 1], dtype=np.float32))
+        r = min(half, int(math.ceil(tail * s)))
+        t = row[half - r:half + r + 1].astype(np.float64)
+        out.append(np.ascontiguousarray(t / t.sum() if renormalize else t, dtype=np.float32))
     return out
 
 
@@ -266,7 +272,10 @@ def cv2_view(img: torch.Tensor, spec: ViewSpec, *, g: torch.Generator, mean: Seq
     P.bernoulli(B, spec.solarize, g)                    # drawn by the engine too (keeps the stream aligned)
     strengths = (spec.brightness, spec.contrast, spec.saturation, spec.hue)
     apply, order, factors = jit.apply.tolist(), jit.order.tolist(), jit.factors.tolist()
-    taps = _blur_taps(sigma, spec.kernel_size) if spec.blur_p > 0 and any(blur) else None
+    taps = None
+    if spec.blur_p > 0 and any(blur):
+        taps = (_blur_taps(sigma, spec.kernel_size, TAIL_SIGMAS_U8, renormalize=True) if precision == "uint8"
+                else _blur_taps(sigma, spec.kernel_size))
     # normalisation (x / 255 - mean) / std as one 3x4 affine colour matrix (one pass), then a
     # split straight into the output planes: ~1.5x faster than split + one addWeighted per plane
     norm = np.zeros((3, 4), np.float32)

@@ -205,6 +205,9 @@ def test_uint8_affine_chain_matches_torchvision(chain, max_tol, mean_tol):
             out = torch.from_numpy(CA._affine_chain_u8(cv2, x, chain)).permute(2, 0, 1).float()
             d = (out - _tv_chain(im.float() / 255, chain) * 255).abs()
             assert d.max() <= max_tol and d.mean() <= mean_tol, (chain, d.max(), d.mean())
+    for sigma in (0.3, 1.1, 2.0):   # uint8 blur: cut at 3 sigma, renormalised
+        t = CA._blur_taps(torch.tensor([sigma]), 23, CA.TAIL_SIGMAS_U8, renormalize=True)[0]
+        assert len(t) == 2 * int(np.ceil(3 * sigma)) + 1 and abs(float(t.sum()) - 1) < 1e-6
     x = np.ascontiguousarray(noise(1, 8)[0].permute(1, 2, 0).numpy())
     assert CA._hue_u8(cv2, x, 0.001) is x     # rounds to a zero shift: the identity, no HSV round trip
 
