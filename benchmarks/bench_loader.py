@@ -120,8 +120,8 @@ def flip_batch(views, rng: np.random.Generator):
 
 def backend_options(backend: str, mode: str, preset) -> Dict:
     """Backend keyword arguments for a mode: DALI runs the full recipe in its graph
-    (``augment=preset``: a preset name or the benchmark's Augment at its size) or flips while cropping (``flip=True``); in feed mode the FFCV and torch
-    backends flip while cropping too, and the torch backend decodes with OpenCV (``decoder="cv2"``:
+    (``augment=preset``: a preset name or the benchmark's Augment at its size) or flips while
+    cropping (``flip=True``); in feed mode the FFCV and torch backends flip while cropping too, and the torch backend decodes with OpenCV (``decoder="cv2"``:
     same crop boxes and flips as PIL, resampling within the tolerance tests/test_torch_backend.py
     states). Flipping after the loader costs a full extra pass over every batch in the main process."""
     if backend == "dali":

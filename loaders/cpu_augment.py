@@ -180,6 +180,12 @@ def _hue_pattern(width: int, k: int) -> np.ndarray:
 
 _I3 = np.eye(3)
 _GRAY_M64 = _GRAY_M.astype(np.float64)
+_LUMA64 = _LUMA.astype(np.float64)
+
+
+def _transform_u8(cv2, x, A: np.ndarray, c: np.ndarray):
+    """``A x + c`` per pixel (3x3 ``A``, 3-vector ``c``), rounded and saturated to uint8."""
+    return cv2.transform(x, np.hstack([A, c[:, None]]).astype(np.float32))
 
 
 def _affine_chain_u8(cv2, x, ops):
@@ -199,7 +205,7 @@ def _affine_chain_u8(cv2, x, ops):
     for k, f in ops:
         if k == 3:
             if A is not None:
-                x, A, c, mean = cv2.transform(x, np.hstack([A, c[:, None]]).astype(np.float32)), None, None, None
+                x, A, c, mean = _transform_u8(cv2, x, A, c), None, None, None
             x2 = _hue_u8(cv2, x, f)
             if x2 is not x:
                 x, mean = x2, None
@@ -210,17 +216,15 @@ def _affine_chain_u8(cv2, x, ops):
             if mean is None:
                 mean = np.asarray(cv2.mean(x)[:3], np.float64)
             cur = mean if A is None else A @ mean + c
-            Ak, ck = f * _I3, np.full(3, (1.0 - f) * float(_LUMA.astype(np.float64) @ cur))
+            Ak, ck = f * _I3, np.full(3, (1.0 - f) * float(_LUMA64 @ cur))
         elif k == 2:
             Ak, ck = f * _I3 + (1.0 - f) * _GRAY_M64, np.zeros(3)
         else:
             Ak, ck = _GRAY_M64, np.zeros(3)
         A, c = (Ak, ck) if A is None else (Ak @ A, Ak @ c + ck)
         if k != 4 and f > 1.0:        # the clamp may bind: apply now (transform saturates)
-            x, A, c, mean = cv2.transform(x, np.hstack([A, c[:, None]]).astype(np.float32)), None, None, None
-    if A is not None:
-        x = cv2.transform(x, np.hstack([A, c[:, None]]).astype(np.float32))
-    return x
+            x, A, c, mean = _transform_u8(cv2, x, A, c), None, None, None
+    return x if A is None else _transform_u8(cv2, x, A, c)
 
 
 def _blur_taps(sigma: torch.Tensor, kernel_size: int, tail: float = TAIL_SIGMAS,
@@ -257,6 +261,9 @@ def cv2_view(img: torch.Tensor, spec: ViewSpec, *, g: torch.Generator, mean: Seq
     tail).
     """
     cv2 = _cv2()
+    if precision not in _PRECISIONS:
+        raise ValueError(f"cv2_view precision must be one of {_PRECISIONS}, got {precision!r}")
+    u8 = precision == "uint8"
     B, C, H, W = img.shape
     if C != 3 or H != spec.size or W != spec.size:
         raise ValueError(f"cv2_view needs uint8 [B,3,{spec.size},{spec.size}] crops, got {tuple(img.shape)}")
@@ -274,7 +281,7 @@ def cv2_view(img: torch.Tensor, spec: ViewSpec, *, g: torch.Generator, mean: Seq
     apply, order, factors = jit.apply.tolist(), jit.order.tolist(), jit.factors.tolist()
     taps = None
     if spec.blur_p > 0 and any(blur):
-        taps = (_blur_taps(sigma, spec.kernel_size, TAIL_SIGMAS_U8, renormalize=True) if precision == "uint8"
+        taps = (_blur_taps(sigma, spec.kernel_size, TAIL_SIGMAS_U8, renormalize=True) if u8
                 else _blur_taps(sigma, spec.kernel_size))
     # normalisation (x / 255 - mean) / std as one 3x4 affine colour matrix (one pass), then a
     # split straight into the output planes: ~1.5x faster than split + one addWeighted per plane
@@ -290,9 +297,6 @@ def cv2_view(img: torch.Tensor, spec: ViewSpec, *, g: torch.Generator, mean: Seq
     # input is merged per image (cv2.merge: ~50x faster than numpy's strided transpose copy)
     src = hwc.numpy() if hwc.is_contiguous() else img.contiguous().numpy()
     planar = not hwc.is_contiguous()
-    if precision not in _PRECISIONS:
-        raise ValueError(f"cv2_view precision must be one of {_PRECISIONS}, got {precision!r}")
-    u8 = precision == "uint8"
     for i in range(B):
         x = cv2.merge([src[i, 0], src[i, 1], src[i, 2]]) if planar else src[i]
         if not u8:
@@ -340,11 +344,9 @@ def normalize_uint8(img: torch.Tensor, mean: Sequence[float], std: Sequence[floa
         src = img.numpy().reshape(B, C, -1)
         dst = out.numpy().reshape(B, C, -1)
         for c in range(C):
-            d = dst[:, c]                        # [B, H*W], row stride C*H*W: cv2 writes in place
-            r = cv2.addWeighted(src[:, c], 1.0 / (255.0 * std[c]), src[:, c], 0.0, -mean[c] / std[c], dst=d,
-                                dtype=cv2.CV_32F)
-            if r is not d and not np.shares_memory(r, d):  # never expected; keep the result right anyway
-                d[...] = r
+            # [B, H*W] planes with row stride C*H*W: cv2 writes into dst in place
+            cv2.addWeighted(src[:, c], 1.0 / (255.0 * std[c]), src[:, c], 0.0, -mean[c] / std[c], dst=dst[:, c],
+                            dtype=cv2.CV_32F)
         return out
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=img.device).reshape(1, 3, 1, 1)
     offset = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=img.device).reshape(1, 3, 1, 1)

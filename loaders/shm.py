@@ -25,6 +25,7 @@ Needs the ``fork`` start method (the mapping is inherited, never pickled); elsew
 """
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import weakref
@@ -40,6 +41,7 @@ _ALIGN = 64          # byte alignment of every view inside a slot (SIMD loads, a
 _PAGE = mmap.PAGESIZE
 
 
+@functools.lru_cache(maxsize=None)
 def _np_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty(0, dtype=dtype).numpy().dtype
 
@@ -96,10 +98,10 @@ class BufferPool:
 @dataclass(frozen=True)
 class SlabRef:
     """A batch's views in slot ``slot`` of a :class:`SlabRing`: per view ``(byte offset, shape,
-    stride (elements), dtype name)``. A few integers: what a worker sends instead of pixels."""
+    stride (elements), dtype)``. A few integers: what a worker sends instead of pixels."""
 
     slot: int
-    views: Tuple[Tuple[int, Tuple[int, ...], Tuple[int, ...], str], ...]
+    views: Tuple[Tuple[int, Tuple[int, ...], Tuple[int, ...], torch.dtype], ...]
 
 
 class SlabWriter:
@@ -136,7 +138,7 @@ class SlabWriter:
             off = self.offset(v)
             if off is None:
                 return None
-            out.append((off, tuple(v.shape), tuple(v.stride()), str(v.dtype).replace("torch.", "")))
+            out.append((off, tuple(v.shape), tuple(v.stride()), v.dtype))
         return SlabRef(self.slot, tuple(out))
 
 
@@ -193,9 +195,8 @@ class SlabRing:
         flat = torch.from_numpy(base)
         out = []
         for off, shape, stride, dtype in ref.views:
-            dt = getattr(torch, dtype)
-            size = torch.empty(0, dtype=dt).element_size()
             # slot_bytes is a page multiple and offsets are 64-byte aligned: any dtype fits
-            out.append(flat.view(dt).as_strided(shape, stride, off // size))
+            typed = flat.view(dtype)
+            out.append(typed.as_strided(shape, stride, off // typed.element_size()))
         self.served += 1
         return out

@@ -84,16 +84,16 @@ def _open_cv2(data: Union[bytes, np.ndarray], source: Source, index: int) -> np.
     import cv2
     if isinstance(data, np.ndarray):
         return _open(data, source, index)
-    _SIMPLEJPEG, _IMREAD_RGB = _fast_decoders()
-    if _SIMPLEJPEG is not None and data[:2] == b"\xff\xd8":
+    simplejpeg, imread_rgb = _fast_decoders()
+    if simplejpeg is not None and data[:2] == b"\xff\xd8":
         # JPEG: simplejpeg's libjpeg-turbo decodes straight to RGB, pixel-identical to
         # cv2.imdecode and PIL (same libjpeg-turbo ISLOW path; tests compare), 10-30% faster here
         try:
-            return _SIMPLEJPEG.decode_jpeg(data, colorspace="RGB")
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
         except (ValueError, RuntimeError):
             pass  # CMYK, arithmetic coding, ...: OpenCV below decodes or names the error
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD_RGB or cv2.IMREAD_COLOR)  # gray/alpha -> 3 ch
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), imread_rgb or cv2.IMREAD_COLOR)  # gray/alpha -> 3 ch
         err = None
     except cv2.error as e:
         img, err = None, e
@@ -101,7 +101,7 @@ def _open_cv2(data: Union[bytes, np.ndarray], source: Source, index: int) -> np.
         where = source.describe(index)
         raise SampleError(f"{where}: sample {index} cannot be decoded (cv2.imdecode: {err or 'not an image'})",
                           path=where, index=index)
-    return img if _IMREAD_RGB else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img if imread_rgb else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 @functools.lru_cache(maxsize=1)
@@ -383,9 +383,9 @@ class _Scratch:
         return t
 
     def holds(self, views: Sequence[torch.Tensor]) -> bool:
-        """True if any of ``views`` lies in one of the buffers."""
-        spans = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in self.bufs]
-        return any(lo <= v.data_ptr() < hi for v in views if v.device.type == "cpu" for lo, hi in spans)
+        """True if any of ``views`` shares storage with one of the buffers (a view of it)."""
+        mine = {b.untyped_storage().data_ptr() for b in self.bufs}
+        return any(v.untyped_storage().data_ptr() in mine for v in views)
 
 
 class _SlabBatch:
@@ -447,8 +447,8 @@ class TorchLoader(PlanLoader):
             segment, and the main process reads them in place; a slot returns to its worker when
             the batch's tensors are garbage-collected (keeping a batch keeps it valid). ``0``
             turns it off; default ``prefetch_factor + 2`` (enough that a consumer that drops each
-            batch before the next but one never finds them all held); it is off anyway without workers, without ``crops``, with
-            ``pin_memory`` or under a non-fork start method.
+            batch before the next but one never finds them all held); it is off anyway without
+            workers, without ``crops``, with ``pin_memory`` or under a non-fork start method.
 
     Validation, the cursor, ``len``, ``skipped`` and ``state_dict``/``load_state_dict`` come from
     :class:`~loaders.plan_loader.PlanLoader`: ``len(loader)`` is the number of batches left, and
