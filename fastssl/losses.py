@@ -3,6 +3,10 @@
 Under ``torch.distributed`` the contrastive and cross-correlation losses see the global batch
 (:func:`fastssl.distributed.all_gather_grad`); on one process they are plain functions of
 their inputs. Stateful losses (MoCo queue, DINO centre) are ``nn.Module`` s with buffers.
+
+Losses that are a mean over this rank's samples take ``reduction="mean"`` (scalar, default) or
+``"none"`` (``[B]``, one value per sample, whose mean is the scalar). None of them reads a value
+on the host, so a training step never waits for the device.
 """
 from __future__ import annotations
 
@@ -29,6 +33,15 @@ __all__ = [
 ]
 
 
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``[B]`` → its mean (``"mean"``) or itself (``"none"``)."""
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
 # ----------------------------------------------------------------------------- contrastive
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 0.2
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +62,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 0.2
         so ``per_sample.mean() == loss``.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"nt_xent expects two [B, D] tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(f"nt_xent expects two [B, D] tensors of one shape, "
+                         f"got {tuple(z1.shape)} and {tuple(z2.shape)}")
     b = z1.shape[0]
     z1 = F.normalize(z1, dim=1)
     z2 = F.normalize(z2, dim=1)
@@ -68,8 +82,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 0.2
     return per_sample.mean(), per_sample
 
 
-def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, *, temperature: float = 0.2
-                 ) -> torch.Tensor:
+def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, *, temperature: float = 0.2,
+                 reduction: str = "mean") -> torch.Tensor:
     """MoCo InfoNCE (He et al. 2020): one positive key per query, negatives from a queue.
 
     Args:
@@ -78,7 +92,8 @@ def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, *, tempe
         queue: ``[K, D]`` L2-normalised negative keys from previous batches.
         temperature: 0.2 for MoCo v2+ (REFERENCE §1).
 
-    Returns: scalar ``mean_i -log(exp(q_i.k_i/t) / (exp(q_i.k_i/t) + sum_j exp(q_i.queue_j/t)))``.
+    Returns: scalar ``mean_i -log(exp(q_i.k_i/t) / (exp(q_i.k_i/t) + sum_j exp(q_i.queue_j/t)))``
+    (``reduction="none"``: the ``[B]`` terms).
     """
     q = F.normalize(q, dim=1)
     k = F.normalize(k.detach(), dim=1)
@@ -86,7 +101,7 @@ def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, *, tempe
     neg = q @ queue.detach().T  # [B, K]
     logits = torch.cat([pos, neg], dim=1) / temperature
     target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits, target)
+    return _reduce(F.cross_entropy(logits, target, reduction="none"), reduction)
 
 
 class KeyQueue(nn.Module):
@@ -116,7 +131,8 @@ class KeyQueue(nn.Module):
         self.ptr.add_(keys.shape[0]).remainder_(size)  # stays on the device: no host sync
 
 
-def mocov3_infonce(q: torch.Tensor, k: torch.Tensor, *, temperature: float = 0.2) -> torch.Tensor:
+def mocov3_infonce(q: torch.Tensor, k: torch.Tensor, *, temperature: float = 0.2,
+                   reduction: str = "mean") -> torch.Tensor:
     """MoCo v3 contrastive loss (Chen, Xie, He 2021): in-batch negatives over the global batch.
 
     Args:
@@ -124,27 +140,30 @@ def mocov3_infonce(q: torch.Tensor, k: torch.Tensor, *, temperature: float = 0.2
             (no gradient). Both normalised here.
         temperature: 0.2 (MoCo v3 ViT setting).
 
-    Returns: scalar ``2 t * CE(q k_all^T / t, own index)``, the paper's ``2 tau`` scaling.
+    Returns: scalar ``2 t * CE(q k_all^T / t, own index)``, the paper's ``2 tau`` scaling
+    (``reduction="none"``: the ``[B]`` terms, scaled alike).
     """
     q = F.normalize(q, dim=1)
     k = F.normalize(all_gather_nograd(k.detach()), dim=1)  # [N, D]
     logits = q @ k.T / temperature
     target = torch.arange(q.shape[0], device=q.device) + get_rank() * q.shape[0]
-    return 2 * temperature * F.cross_entropy(logits, target)
+    return _reduce(2 * temperature * F.cross_entropy(logits, target, reduction="none"), reduction)
 
 
 # ----------------------------------------------------------------------------- non-contrastive
-def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def byol_loss(p: torch.Tensor, z: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
     """BYOL regression loss (Grill et al. 2020): ``mean_i (2 - 2 cos(p_i, z_i))``.
 
-    Args: p ``[B, D]`` online predictions; z ``[B, D]`` target projections (gradient stopped here).
+    Args: p ``[B, D]`` online predictions; z ``[B, D]`` target projections (gradient stopped here);
+    reduction: ``"mean"`` (scalar) or ``"none"`` (``[B]``).
     """
-    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
+    return _reduce(2 - 2 * F.cosine_similarity(p, z.detach(), dim=1), reduction)
 
 
-def simsiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """SimSiam negative cosine (Chen & He 2021): ``-mean_i cos(p_i, stopgrad(z_i))``. Shapes ``[B, D]``."""
-    return -F.cosine_similarity(p, z.detach(), dim=1).mean()
+def simsiam_loss(p: torch.Tensor, z: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """SimSiam negative cosine (Chen & He 2021): ``-mean_i cos(p_i, stopgrad(z_i))``. Shapes ``[B, D]``;
+    ``reduction="none"`` gives the ``[B]`` terms."""
+    return _reduce(-F.cosine_similarity(p, z.detach(), dim=1), reduction)
 
 
 def _standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -217,10 +236,11 @@ class DINOLoss(nn.Module):
             linearly (30 of 300 epochs in the paper = 0.1).
         center_momentum: EMA of the centre (0.9).
 
-    ``forward(student [V*B, K], teacher [n_global*B, K], progress)`` with view-major rows:
-    ``-sum softmax((t - c)/T_t) * log_softmax(s/T_s)`` averaged over the batch and over all
-    (teacher view, student view) pairs with different views. Updates the centre with the
-    batch mean of the teacher outputs (over all ranks) after computing the loss.
+    ``forward(student [V*B, K], teacher [n_global*B, K], progress, reduction)`` with view-major
+    rows: ``-sum softmax((t - c)/T_t) * log_softmax(s/T_s)`` averaged over the batch and over all
+    (teacher view, student view) pairs with different views (``reduction="none"``: ``[B]``, each
+    image's average over its pairs). Updates the centre with the batch mean of the teacher
+    outputs (over all ranks) after computing the loss.
     """
 
     def __init__(self, out_dim: int, *, n_global: int = 2, student_temp: float = 0.1,
@@ -242,7 +262,8 @@ class DINOLoss(nn.Module):
         frac = max(progress, 0.0) / self.teacher_temp_warmup
         return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * frac
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, *, progress: float = 0.0) -> torch.Tensor:
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, *, progress: float = 0.0,
+                reduction: str = "mean") -> torch.Tensor:
         b = teacher.shape[0] // self.n_global
         if teacher.shape[0] != b * self.n_global or student.shape[0] % b:
             raise ValueError(f"DINOLoss: teacher rows {teacher.shape[0]} / student rows {student.shape[0]} "
@@ -251,20 +272,20 @@ class DINOLoss(nn.Module):
         temp = self.teacher_temperature(progress)
         t = F.softmax((teacher.detach() - self.center) / temp, dim=-1).chunk(self.n_global)
         s = F.log_softmax(student / self.student_temp, dim=-1).chunk(n_views)
-        total, pairs = student.new_zeros(()), 0
+        total, pairs = student.new_zeros(b), 0  # [B]
         for i, ti in enumerate(t):
             for v, sv in enumerate(s):
                 if v == i:
                     continue
-                total = total + (-(ti * sv).sum(dim=-1)).mean()
+                total = total - (ti * sv).sum(dim=-1)
                 pairs += 1
         self.update_center(teacher)
-        return total / pairs
+        return _reduce(total / pairs, reduction)
 
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor) -> None:
         """``c = m c + (1 - m) mean(teacher)`` with the mean over the global batch."""
-        count = torch.tensor(float(teacher.shape[0]), device=teacher.device)
+        count = teacher.new_full((), float(teacher.shape[0]))  # a fill kernel: no blocking host copy
         mean = all_reduce_sum(teacher.detach().sum(dim=0, keepdim=True)) / all_reduce_sum(count)
         self.center.mul_(self.center_momentum).add_(mean.to(self.center.dtype), alpha=1 - self.center_momentum)
 
@@ -288,7 +309,7 @@ def sinkhorn(scores: torch.Tensor, *, eps: float = 0.05, iters: int = 3) -> torc
     # (fp16/bf16 scores are promoted to float32; float64 stays float64)
     q = torch.exp(scores.to(torch.promote_types(scores.dtype, torch.float32)) / eps)
     b, k = q.shape
-    n = all_reduce_sum(torch.tensor(float(b), device=q.device))
+    n = all_reduce_sum(q.new_full((), float(b)))  # a fill kernel: no blocking host copy
     q = q / all_reduce_sum(q.sum())
     for _ in range(iters):
         q = q / all_reduce_sum(q.sum(dim=0, keepdim=True)) / k
@@ -297,7 +318,7 @@ def sinkhorn(scores: torch.Tensor, *, eps: float = 0.05, iters: int = 3) -> torc
 
 
 def swav_loss(scores: Sequence[torch.Tensor], *, n_global: int = 2, temperature: float = 0.1,
-              eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+              eps: float = 0.05, iters: int = 3, reduction: str = "mean") -> torch.Tensor:
     """SwAV swapped prediction.
 
     Args:
@@ -306,15 +327,16 @@ def swav_loss(scores: Sequence[torch.Tensor], *, n_global: int = 2, temperature:
         temperature: 0.1; eps, iters: Sinkhorn settings (0.05, 3).
 
     For each global view ``i``: ``q_i = sinkhorn(scores_i)`` (no gradient), and every other view
-    ``v`` predicts it: ``-mean_b sum_k q_i log softmax(scores_v / temperature)``. Averaged over pairs.
+    ``v`` predicts it: ``-mean_b sum_k q_i log softmax(scores_v / temperature)``. Averaged over pairs
+    (``reduction="none"``: ``[B]``, each image's average over its pairs).
     """
-    total, pairs = scores[0].new_zeros(()), 0
+    total, pairs = scores[0].new_zeros(scores[0].shape[0]), 0  # [B]
     for i in range(n_global):
         q = sinkhorn(scores[i].detach(), eps=eps, iters=iters)
         for v, sv in enumerate(scores):
             if v == i:
                 continue
-            total = total + (-(q * F.log_softmax(sv / temperature, dim=1)).sum(dim=1)).mean()
+            total = total - (q * F.log_softmax(sv / temperature, dim=1)).sum(dim=1)
             pairs += 1
-    return total / pairs
+    return _reduce(total / pairs, reduction)
 

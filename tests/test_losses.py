@@ -162,7 +162,8 @@ def test_dino_loss_center_and_temperature_schedule():
                 continue
             for r in range(b):
                 t_logit = (t_np[ti * b + r] - 0.3) / tt
-                pt = np.exp(t_logit - t_logit.max()); pt /= pt.sum()
+                pt = np.exp(t_logit - t_logit.max())
+                pt /= pt.sum()
                 s_logit = s_np[si * b + r] / 0.1
                 logp = s_logit - (s_logit.max() + np.log(np.exp(s_logit - s_logit.max()).sum()))
                 ref += -(pt * logp).sum() / b
@@ -178,8 +179,10 @@ def _sinkhorn_numpy(scores, eps, iters):
     q /= q.sum()
     k, b = q.shape
     for _ in range(iters):
-        q /= q.sum(axis=1, keepdims=True); q /= k
-        q /= q.sum(axis=0, keepdims=True); q /= b
+        q /= q.sum(axis=1, keepdims=True)
+        q /= k
+        q /= q.sum(axis=0, keepdims=True)
+        q /= b
     return (q * b).T
 
 
@@ -207,6 +210,53 @@ def test_swav_loss_matches_explicit_pairs():
             ref += -(q * logp).sum(axis=1).mean()
             pairs += 1
     assert L.swav_loss(scores, n_global=2, temperature=t).item() == pytest.approx(ref / pairs, abs=1e-9)
+
+
+# ---------------------------------------------------------------- per-sample reduction
+def _per_sample_cases():
+    q, k, queue = _rand(5, 4, seed=30), _rand(5, 4, seed=31), torch.nn.functional.normalize(_rand(7, 4, seed=32), dim=1)
+    scores = [torch.tanh(_rand(5, 6, seed=33 + i)) for i in range(4)]
+    student, teacher = _rand(4 * 5, 6, seed=40), _rand(2 * 5, 6, seed=41)
+
+    def dino(reduction):
+        crit = L.DINOLoss(6, n_global=2).double()
+        return crit(student, teacher, progress=0.05, reduction=reduction)
+
+    return {
+        "moco_infonce": lambda r: L.moco_infonce(q, k, queue, temperature=0.2, reduction=r),
+        "mocov3_infonce": lambda r: L.mocov3_infonce(q, k, temperature=0.2, reduction=r),
+        "byol_loss": lambda r: L.byol_loss(q, k, reduction=r),
+        "simsiam_loss": lambda r: L.simsiam_loss(q, k, reduction=r),
+        "dino": dino,
+        "swav_loss": lambda r: L.swav_loss(scores, n_global=2, temperature=0.1, reduction=r),
+    }
+
+
+@pytest.mark.parametrize("name", ["moco_infonce", "mocov3_infonce", "byol_loss", "simsiam_loss", "dino", "swav_loss"])
+def test_reduction_none_gives_per_sample_terms_whose_mean_is_the_loss(name):
+    fn = _per_sample_cases()[name]
+    per, loss = fn("none"), fn("mean")
+    assert per.shape == (5,) and loss.dim() == 0
+    assert per.mean().item() == pytest.approx(loss.item(), abs=1e-12)
+    assert per.std().item() > 0  # really one value per sample
+    with pytest.raises(ValueError, match="reduction"):
+        fn("sum")
+
+
+def test_per_sample_terms_match_their_formulas():
+    p, z = _rand(4, 3, seed=50), _rand(4, 3, seed=51)
+    cos = [_cos(list(map(float, a)), list(map(float, b))) for a, b in zip(p, z)]
+    np.testing.assert_allclose(L.byol_loss(p, z, reduction="none").numpy(), [2 - 2 * c for c in cos], atol=1e-12)
+    np.testing.assert_allclose(L.simsiam_loss(p, z, reduction="none").numpy(), [-c for c in cos], atol=1e-12)
+    # swav: sample 0 alone, pairs (0 -> 1), (1 -> 0) with the batch's codes
+    scores = [torch.tanh(_rand(5, 7, seed=60 + i)) for i in range(2)]
+    per = L.swav_loss(scores, n_global=2, temperature=0.1, reduction="none")
+    ref = 0.0
+    for i, v in ((0, 1), (1, 0)):
+        q = _sinkhorn_numpy(scores[i].numpy(), 0.05, 3)[0]
+        x = scores[v].numpy()[0] / 0.1
+        ref += -(q * (x - np.log(np.exp(x).sum()))).sum() / 2
+    assert per[0].item() == pytest.approx(ref, abs=1e-9)
 
 
 # ---------------------------------------------------------------- distributed (CPU, gloo)

@@ -6,9 +6,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from fastssl.models import DINOHead, MLP, Prototypes, build_backbone, export_backbone, projection_mlp
+from fastssl.models import MLP, DINOHead, Prototypes, build_backbone, export_backbone, projection_mlp
 from loaders.errors import ConfigError
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,3 +109,18 @@ def test_prototypes_normalize():
         proto.layer.weight.mul_(3)
     proto.normalize()
     torch.testing.assert_close(proto.layer.weight.norm(dim=1), torch.ones(10))
+
+
+def test_heads_pass_gradients_to_their_last_layer():
+    """Freezing (DINO's last layer, SwAV's prototypes) is the method's ``on_after_backward``:
+    the heads' forward always uses and differentiates every parameter."""
+    from fastssl.models import heads
+    assert not hasattr(heads, "freeze_grad")
+    head = DINOHead(16, 32, hidden_dim=24, bottleneck_dim=8, norm_last_layer=False)
+    last = head.last_layer_parameters()
+    assert [id(p) for p in last] == [id(head.last_v), id(head.last_g)]
+    head(torch.randn(3, 16)).pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in last)
+    proto = Prototypes(4, 10)
+    proto(torch.randn(3, 4)).pow(2).sum().backward()
+    assert proto.layer.weight.grad.abs().sum() > 0

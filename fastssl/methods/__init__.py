@@ -13,7 +13,7 @@ import inspect
 import torch.nn as nn
 
 from fastssl.methods.base import RECIPE_DEFAULTS, Method, MethodOutput
-from loaders.errors import ConfigError, check_keys
+from loaders.errors import check_keys
 
 __all__ = ["METHODS", "register_method", "build_method", "method_hparams", "Method", "MethodOutput"]
 

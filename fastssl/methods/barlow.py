@@ -16,7 +16,12 @@ class BarlowTwins(Method):
     Args:
         proj_hidden_dim, proj_output_dim: 3-layer projector 2048 → 2048 → 2048 (BN, ReLU)
             (REFERENCE §1); lambd: off-diagonal weight 0.0051; scale: loss scale 0.1.
+
+    No ``per_sample_loss`` (see ``per_sample_loss_note``). Logs: ``barlow`` (the loss).
     """
+
+    per_sample_loss_note = ("Barlow Twins' loss is a function of the batch's cross-correlation matrix, "
+                            "not a mean over samples")
 
     defaults = {
         # REFERENCE §1: LARS, lr 0.3 @512, wd 1e-4

@@ -34,11 +34,19 @@ RECIPE_DEFAULTS: dict = {
 
 @dataclass
 class MethodOutput:
-    """What ``Method.forward`` returns.
+    """What ``Method.forward`` returns (``B`` = this rank's batch size).
 
-    loss: scalar training loss. features: ``[B, feat_dim]`` backbone features of view 0,
-    detached (input of the online linear probe). per_sample_loss: ``[B]`` detached, or None.
-    logs: scalars to log (floats or 0-dim tensors).
+    loss: scalar training loss (0-dim, with a graph).
+    features: ``[B, feat_dim]`` backbone features of view 0, detached (input of the online
+        linear probe).
+    per_sample_loss: ``[B]`` detached, same dtype and device as ``loss``: sample ``i``'s term of
+        the loss, averaged over the view pairs that involve image ``i`` and summed like the
+        loss sums its terms, so ``per_sample_loss.mean() == loss`` (up to rounding) for every
+        built-in method that returns it. None where the loss is not a mean over samples (see
+        :attr:`Method.per_sample_loss_note`).
+    logs: ``{short stable key: scalar}``, each a detached 0-dim tensor on the device or a Python
+        float; reading them needs no host sync until the caller does (keys per method in its
+        class docstring).
     """
 
     loss: torch.Tensor
@@ -91,12 +99,27 @@ class Method(nn.Module):
     :data:`RECIPE_DEFAULTS` plus their constructor's keyword arguments), implement ``forward``,
     and list their momentum pairs in ``self.momentum_pairs`` (``[(online, target), ...]``)
     with ``tau_base``/``tau_final`` to get :meth:`update_momentum` for free.
+
+    Per optimizer step the training loop calls ``out = method(views)``, ``out.loss.backward()``,
+    :meth:`on_after_backward`, ``optimizer.step()``, then :meth:`update_momentum`. ``forward``
+    and ``on_after_backward`` never synchronise with the device (no ``.item()``, no
+    value-dependent shapes).
+
+    State: ``state_dict()`` holds everything training changes: parameters, buffers (momentum
+    encoders, MoCo queues and pointers, DINO's centre, BatchNorm statistics) and, as the
+    module's extra state (key ``"_extra_state"``), the Python floats ``progress`` and ``tau``
+    (:meth:`get_extra_state`), so ``load_state_dict`` of a freshly built method resumes the
+    schedules (DINO teacher temperature and frozen last layer, SwAV frozen prototypes, EMA tau).
     """
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict] = {}
     #: number of views ``forward`` needs (None = at least 2, multi-crop)
     num_views: ClassVar[int | None] = 2
+    #: None when ``forward`` returns ``MethodOutput.per_sample_loss`` (``[B]``); otherwise a
+    #: one-line reason why the loss has no per-sample decomposition (e.g. it is a function of
+    #: batch statistics), for the training loop to report once
+    per_sample_loss_note: ClassVar[str | None] = None
 
     def __init__(self, *, backbone: nn.Module, feat_dim: int):
         super().__init__()
@@ -133,6 +156,26 @@ class Method(nn.Module):
         for online, target in self.momentum_pairs:
             ema_update(target, online, self.tau)
         return self.tau
+
+    def on_after_backward(self) -> None:
+        """Hook called after backward, gradients all-reduced, before the optimizer step, once per
+        optimizer step (after the last micro-batch when gradients accumulate). Base: no-op.
+
+        DINO and SwAV set the gradients of their frozen last layer / prototypes to None here
+        while frozen (as the official DINO does after backward), so the optimizer skips them
+        entirely: no weight decay, no momentum, no step count. ``forward`` still uses those
+        parameters normally, so DistributedDataParallel sees them used."""
+
+    # -- state -----------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        """``{"progress": float, "tau": float}``: the schedule state that is not a tensor (stored
+        under ``"_extra_state"`` in ``state_dict()``; plain floats, ``torch.load(weights_only=True)``-safe)."""
+        return {"progress": float(self.progress), "tau": float(self.tau)}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`get_extra_state` returned."""
+        self.progress = float(state["progress"])
+        self.tau = float(state["tau"])
 
     # -- optimisation --------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

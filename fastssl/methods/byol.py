@@ -19,7 +19,9 @@ class BYOL(Method):
         (all REFERENCE §1).
 
     Loss: ``byol(p1, z2') + byol(p2, z1')`` with ``byol = mean(2 - 2 cos)`` and ``z'`` the
-    momentum encoder's projections.
+    momentum encoder's projections. ``per_sample_loss`` ``[B]``: image ``i``'s
+    ``(2 - 2 cos(p1_i, z2'_i)) + (2 - 2 cos(p2_i, z1'_i))`` (summed like the loss), mean = loss.
+    Logs: ``byol`` (the loss), ``tau`` (current EMA coefficient).
     """
 
     defaults = {
@@ -45,5 +47,7 @@ class BYOL(Method):
         with torch.no_grad():
             t1 = self.momentum_projector(self.momentum_backbone(views[0]))
             t2 = self.momentum_projector(self.momentum_backbone(views[1]))
-        loss = byol_loss(p1, t2) + byol_loss(p2, t1)
-        return MethodOutput(loss=loss, features=h1.detach(), logs={"byol": loss.detach(), "tau": self.tau})
+        per_sample = byol_loss(p1, t2, reduction="none") + byol_loss(p2, t1, reduction="none")  # [B]
+        loss = per_sample.mean()
+        return MethodOutput(loss=loss, features=h1.detach(), per_sample_loss=per_sample.detach(),
+                            logs={"byol": loss.detach(), "tau": self.tau})

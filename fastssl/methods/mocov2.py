@@ -19,6 +19,8 @@ class MoCoV2(Method):
 
     Loss: ``(InfoNCE(q1, k2, queue_2) + InfoNCE(q2, k1, queue_1)) / 2`` where ``k`` come from the
     momentum backbone+projector; then the keys of this batch (all ranks) are enqueued.
+    ``per_sample_loss`` ``[B]``: image ``i``'s two InfoNCE terms averaged, mean = loss.
+    Logs: ``infonce`` (the loss), ``tau`` (current EMA coefficient).
     """
 
     defaults = {
@@ -46,9 +48,12 @@ class MoCoV2(Method):
         with torch.no_grad():
             k1 = self.momentum_projector(self.momentum_backbone(views[0]))
             k2 = self.momentum_projector(self.momentum_backbone(views[1]))
-        loss = 0.5 * (moco_infonce(q1, k2, self.queue2.queue, temperature=self.temperature)
-                      + moco_infonce(q2, k1, self.queue1.queue, temperature=self.temperature))
+        t = self.temperature
+        per_sample = 0.5 * (moco_infonce(q1, k2, self.queue2.queue, temperature=t, reduction="none")
+                            + moco_infonce(q2, k1, self.queue1.queue, temperature=t, reduction="none"))  # [B]
+        loss = per_sample.mean()
         if self.training:
             self.queue1.push(k1)
             self.queue2.push(k2)
-        return MethodOutput(loss=loss, features=h1.detach(), logs={"infonce": loss.detach(), "tau": self.tau})
+        return MethodOutput(loss=loss, features=h1.detach(), per_sample_loss=per_sample.detach(),
+                            logs={"infonce": loss.detach(), "tau": self.tau})

@@ -20,6 +20,9 @@ class MoCoV3(Method):
         tau_base/tau_final: EMA 0.99 → 1.0 (cosine).
 
     Loss: ``ctr(q1, k2) + ctr(q2, k1)`` with ``ctr = 2 t * InfoNCE`` over the global batch.
+    ``per_sample_loss`` ``[B]``: image ``i``'s ``ctr_i(q1, k2) + ctr_i(q2, k1)`` (same ``2 t``
+    scaling, summed like the loss), mean = loss.
+    Logs: ``infonce`` (the loss), ``tau`` (current EMA coefficient).
     """
 
     defaults = {
@@ -49,5 +52,8 @@ class MoCoV3(Method):
             k1 = self.momentum_projector(self.momentum_backbone(views[0]))
             k2 = self.momentum_projector(self.momentum_backbone(views[1]))
         t = self.temperature
-        loss = mocov3_infonce(q1, k2, temperature=t) + mocov3_infonce(q2, k1, temperature=t)
-        return MethodOutput(loss=loss, features=h1.detach(), logs={"infonce": loss.detach(), "tau": self.tau})
+        per_sample = (mocov3_infonce(q1, k2, temperature=t, reduction="none")
+                      + mocov3_infonce(q2, k1, temperature=t, reduction="none"))  # [B]
+        loss = per_sample.mean()
+        return MethodOutput(loss=loss, features=h1.detach(), per_sample_loss=per_sample.detach(),
+                            logs={"infonce": loss.detach(), "tau": self.tau})

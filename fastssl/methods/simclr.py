@@ -20,7 +20,8 @@ class SimCLR(Method):
         proj_last_bn: BatchNorm (no bias) after the last projector layer (BCL/SDCLR: True,
             with 512 → 128 dims).
 
-    ``per_sample_loss`` is the NT-Xent of each image (mean of its two anchors), for BCL.
+    ``per_sample_loss`` ``[B]``: the NT-Xent of each image (mean of its two anchors; BCL uses
+    it); its mean is the loss. Logs: ``nt_xent`` (the loss).
     """
 
     defaults = {

@@ -19,6 +19,8 @@ class SimSiam(Method):
         pred_hidden_dim: bottleneck predictor 2048 → 512 → 2048.
 
     Loss: ``(D(p1, sg(z2)) + D(p2, sg(z1))) / 2`` with ``D`` the negative cosine.
+    ``per_sample_loss`` ``[B]``: image ``i``'s ``(D_i(p1, z2) + D_i(p2, z1)) / 2``, mean = loss.
+    Logs: ``simsiam`` (the loss).
     """
 
     defaults = {
@@ -39,5 +41,7 @@ class SimSiam(Method):
         h1, h2 = self.backbone(views[0]), self.backbone(views[1])
         z1, z2 = self.projector(h1), self.projector(h2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
-        loss = 0.5 * (simsiam_loss(p1, z2) + simsiam_loss(p2, z1))
-        return MethodOutput(loss=loss, features=h1.detach(), logs={"simsiam": loss.detach()})
+        per_sample = 0.5 * (simsiam_loss(p1, z2, reduction="none") + simsiam_loss(p2, z1, reduction="none"))
+        loss = per_sample.mean()
+        return MethodOutput(loss=loss, features=h1.detach(), per_sample_loss=per_sample.detach(),
+                            logs={"simsiam": loss.detach()})

@@ -17,9 +17,14 @@ class SwAV(Method):
     Args:
         proj_hidden_dim, proj_output_dim: projector 2048 → 128 (BN, ReLU).
         n_prototypes: 3000; temperature: 0.1; sinkhorn_eps: 0.05; sinkhorn_iters: 3.
-        freeze_prototypes: fraction of training during which the prototypes get no gradient
-            (paper: the first epoch; 0.01 = one epoch of a 100-epoch run). Reads
-            ``self.progress``, which :meth:`update_momentum` records every step.
+        freeze_prototypes: fraction of training during which the prototypes are not updated
+            (paper: the first epoch; 0.01 = one epoch of a 100-epoch run): :meth:`on_after_backward`
+            sets their gradient to None, so the optimizer skips them. Reads ``self.progress``,
+            which :meth:`update_momentum` records every step.
+
+    ``per_sample_loss`` ``[B]``: image ``i``'s swapped-prediction cross-entropy averaged over its
+    (code view, predicting view) pairs, mean = loss.
+    Logs: ``swav`` (the loss), ``frozen`` (1.0 while the prototypes are frozen, else 0.0).
     """
 
     num_views = None
@@ -40,6 +45,17 @@ class SwAV(Method):
         self.prototypes = Prototypes(proj_output_dim, n_prototypes)
         self.freeze_prototypes = freeze_prototypes
 
+    @property
+    def prototypes_frozen(self) -> bool:
+        """Whether the prototypes are frozen at the current ``progress`` (paper: epoch 1)."""
+        return self.progress < self.freeze_prototypes
+
+    def on_after_backward(self) -> None:
+        """While frozen: the prototypes' gradient becomes None (skipped by the optimizer)."""
+        if self.prototypes_frozen:
+            for p in self.prototypes.parameters():
+                p.grad = None
+
     def forward(self, views: list[torch.Tensor]) -> MethodOutput:
         self.check_views(views)
         if not 1 <= self.n_global <= len(views):
@@ -48,8 +64,9 @@ class SwAV(Method):
             self.prototypes.normalize()  # keep prototypes on the unit sphere (paper)
         feats = encode_views(self.backbone, views)
         z = F.normalize(self.projector(torch.cat(feats, dim=0)), dim=1)
-        frozen = self.progress < self.freeze_prototypes
-        scores = self.prototypes(z, frozen=frozen).chunk(len(views))  # V x [B, n_prototypes]
-        loss = swav_loss(scores, n_global=self.n_global, temperature=self.temperature,
-                         eps=self.eps, iters=self.iters)
-        return MethodOutput(loss=loss, features=feats[0].detach(), logs={"swav": loss.detach()})
+        scores = self.prototypes(z).chunk(len(views))  # V x [B, n_prototypes]
+        per_sample = swav_loss(scores, n_global=self.n_global, temperature=self.temperature,
+                               eps=self.eps, iters=self.iters, reduction="none")  # [B]
+        loss = per_sample.mean()
+        return MethodOutput(loss=loss, features=feats[0].detach(), per_sample_loss=per_sample.detach(),
+                            logs={"swav": loss.detach(), "frozen": float(self.prototypes_frozen)})

@@ -16,7 +16,14 @@ class VICReg(Method):
     Args:
         proj_hidden_dim, proj_output_dim: 3-layer projector 2048 → 2048 → 2048 (solo-learn CIFAR;
             8192 in the paper's ImageNet setting); sim_coeff / std_coeff / cov_coeff: 25 / 25 / 1.
+
+    No ``per_sample_loss`` (see ``per_sample_loss_note``). Logs: ``vicreg`` (the loss) and its
+    unweighted terms ``invariance``, ``variance``, ``covariance``
+    (loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance).
     """
+
+    per_sample_loss_note = ("VICReg's variance and covariance terms are functions of batch statistics, "
+                            "not means over samples")
 
     defaults = {
         # solo-learn CIFAR recipe: LARS lr 0.3 @256, wd 1e-4

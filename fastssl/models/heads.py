@@ -5,25 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MLP", "projection_mlp", "prediction_mlp", "DINOHead", "Prototypes", "freeze_grad"]
-
-
-class _ZeroGrad(torch.autograd.Function):
-    """Identity whose backward returns zeros."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(grad)
-
-
-def freeze_grad(param: torch.Tensor) -> torch.Tensor:
-    """``param`` with a zero gradient. Unlike ``detach()`` the parameter stays in the autograd
-    graph, so DistributedDataParallel (without ``find_unused_parameters``) still sees it used."""
-    return _ZeroGrad.apply(param)
+__all__ = ["MLP", "projection_mlp", "prediction_mlp", "DINOHead", "Prototypes"]
 
 
 class MLP(nn.Sequential):
@@ -90,11 +72,14 @@ class DINOHead(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, *, freeze_last_layer: bool = False) -> torch.Tensor:
-        """``[B, in_dim]`` → ``[B, out_dim]``; ``freeze_last_layer``: zero gradient to the last layer."""
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """The weight-normalised last layer (``last_v``, ``last_g``), which DINO freezes early on."""
+        return [self.last_v, self.last_g]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_dim]`` → ``[B, out_dim]``."""
         x = F.normalize(self.mlp(x), dim=-1)
-        v, g = (freeze_grad(self.last_v), freeze_grad(self.last_g)) if freeze_last_layer else (self.last_v, self.last_g)
-        weight = g * F.normalize(v, dim=1)  # weight norm: g * v / ||v|| per row
+        weight = self.last_g * F.normalize(self.last_v, dim=1)  # weight norm: g * v / ||v|| per row
         return x @ weight.T
 
 
@@ -113,8 +98,6 @@ class Prototypes(nn.Module):
     def normalize(self) -> None:
         self.layer.weight.copy_(F.normalize(self.layer.weight, dim=1))
 
-    def forward(self, z: torch.Tensor, *, frozen: bool = False) -> torch.Tensor:
-        """``[B, dim]`` → ``[B, n_prototypes]``; ``frozen``: zero gradient to the prototypes."""
-        if frozen:
-            return F.linear(z, freeze_grad(self.layer.weight))
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``[B, dim]`` → ``[B, n_prototypes]``."""
         return self.layer(z)
