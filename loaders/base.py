@@ -7,9 +7,12 @@ processes, so they open files lazily (per process) and hold no open handles when
 
 Sources are registered by name (``@register_source("npz")``) and built from a config mapping
 with :func:`build_source` (``{"type": "npz", "path": ..., ...}``); unknown keys are rejected.
+The built-in types live in the modules of :data:`SOURCE_MODULES`, which :func:`build_source`
+imports on first use, so building one needs no prior import of its module.
 """
 from __future__ import annotations
 
+import importlib
 import io
 from typing import Callable, Dict, Mapping, Tuple, Union
 
@@ -19,7 +22,7 @@ from .errors import ConfigError, DataError, SampleError, check_keys
 
 __all__ = [
     "Source", "InMemorySource", "ArraySource", "Sample", "register_source", "build_source", "SOURCES",
-    "decode_image",
+    "SOURCE_MODULES", "source_types", "decode_image",
 ]
 
 #: encoded image bytes, or a decoded uint8 [H, W, 3] RGB array
@@ -38,11 +41,56 @@ def register_source(name: str):
     return deco
 
 
+#: built-in source type -> the module that registers it (imported by :func:`build_source` on first
+#: use: those modules import this one, so they cannot be imported here at module level)
+SOURCE_MODULES: Dict[str, str] = {
+    "folder": "loaders.sources", "csv": "loaders.sources", "npz": "loaders.sources",
+    "cifar": "loaders.sources", "synthetic": "loaders.synthetic", "shards": "loaders.shards",
+    "beton": "loaders.beton",
+}
+
+
+def _import_source_module(module: str, *, strict: bool) -> None:
+    """Import a module of :data:`SOURCE_MODULES` (registering its types).
+
+    A missing module is skipped. A module that is present but misses a dependency raises when
+    ``strict`` (its type was asked for) and is skipped otherwise (only listing the types).
+    """
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if strict and e.name != module:
+            raise
+
+
+def _ensure_registered(kind) -> None:
+    """Register ``kind`` if it is a built-in type; for an unknown ``kind``, every built-in type."""
+    if kind in SOURCES:
+        return
+    if kind in SOURCE_MODULES:
+        _import_source_module(SOURCE_MODULES[kind], strict=True)
+    else:  # unknown: register them all, so the error suggests among every built-in type
+        source_types()
+
+
+def source_types() -> Tuple[str, ...]:
+    """The names of all source types (built-in ones registered on the way), sorted."""
+    for module in sorted(set(SOURCE_MODULES.values())):
+        _import_source_module(module, strict=False)
+    return tuple(sorted(SOURCES))
+
+
 def build_source(cfg: Mapping) -> "Source":
-    """Build a source from ``{"type": NAME, **kwargs}``; kwargs are the class's keyword arguments."""
+    """Build a source from ``{"type": NAME, **kwargs}``; kwargs are the class's keyword arguments.
+
+    A built-in ``NAME`` (:data:`SOURCE_MODULES`) needs no prior import of its module.
+    """
     if "type" not in cfg:
-        raise ConfigError(f"source config {dict(cfg)} has no 'type' (one of: {', '.join(sorted(SOURCES))})")
+        raise ConfigError(f"source config {dict(cfg)} has no 'type' (one of: {', '.join(source_types())})")
     kind = cfg["type"]
+    if not isinstance(kind, str):
+        raise ConfigError(f"source config {dict(cfg)}: 'type' must be a string (one of: {', '.join(source_types())})")
+    _ensure_registered(kind)
     if kind not in SOURCES:
         check_keys({kind: None}, SOURCES, "source types")
     cls = SOURCES[kind]

@@ -27,12 +27,13 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .base import SOURCES, Source, build_source
+from .base import SOURCE_MODULES, Source, build_source
 from .crop import CropSpec
 from .errors import ConfigError, check_keys
 from .mixture import Mixture
 
-__all__ = ["build_loader", "build_sources_and_mixture", "DATA_DEFAULTS", "BACKENDS"]
+# SOURCE_MODULES (now in loaders.base) stays importable from here for older callers
+__all__ = ["build_loader", "build_sources_and_mixture", "DATA_DEFAULTS", "BACKENDS", "SOURCE_MODULES"]
 
 #: the ``data:`` keys and their defaults
 DATA_DEFAULTS: Dict[str, object] = {
@@ -47,26 +48,6 @@ BACKENDS: Dict[str, Tuple[str, str]] = {
     "dali": ("loaders.dali_backend", "DaliLoader"),
     "ffcv": ("loaders.ffcv_backend", "FFCVLoader"),
 }
-#: built-in source type -> the module that registers it (imported on first use)
-SOURCE_MODULES: Dict[str, str] = {
-    "folder": "loaders.sources", "csv": "loaders.sources", "npz": "loaders.sources",
-    "cifar": "loaders.sources", "synthetic": "loaders.synthetic", "shards": "loaders.shards",
-    "beton": "loaders.beton",
-}
-
-
-def _ensure_registered(kind) -> None:
-    """Import the module of a built-in source type so that it is registered."""
-    if kind in SOURCES:
-        return
-    # an unknown type: register every built-in one, so build_source's error suggests among all
-    modules = [SOURCE_MODULES[kind]] if kind in SOURCE_MODULES else sorted(set(SOURCE_MODULES.values()))
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
 
 
 def _data_config(data_cfg: Mapping) -> Dict[str, object]:
@@ -92,8 +73,6 @@ def build_sources_and_mixture(data_cfg: Mapping) -> Tuple[List[Source], Mixture]
         dups.append(scfg.pop("dup", None))
         fractions.append(scfg.pop("fraction", None))
         where = f"data.sources[{i}] ('{name}')"
-        if isinstance(scfg.get("type"), str):
-            _ensure_registered(scfg["type"])
         try:
             src = build_source(scfg)
         except ConfigError as e:
