@@ -22,7 +22,9 @@ extras = {
     "bench": ["kornia>=0.7"],
     # the torch backend's fast CPU path: OpenCV resize/augment, simplejpeg's libjpeg-turbo decode
     "fast": ["opencv-python-headless", "simplejpeg>=1.7"],
-    "dev": ["pytest>=8", "pytest-timeout", "scipy>=1.10", "webdataset>=0.2", "timm>=1.0"],
+    # log.wandb: offline | online (fastssl.metrics_log)
+    "wandb": ["wandb>=0.16"],
+    "dev": ["pytest>=8", "pytest-timeout", "scipy>=1.10", "webdataset>=0.2", "timm>=1.0", "ruff==0.17.6"],
 }
 extras["all"] = sorted({p for v in extras.values() for p in v})
 
@@ -30,7 +32,13 @@ setup(
     name="fastssl",
     version="0.1.0",
     description="Self-supervised visual pretraining built around a fast, exact data path",
-    packages=find_packages(include=["fastssl", "fastssl.*", "loaders", "loaders.*", "benchmarks"]),
+    # the top-level configs/ folder (augment presets, method/data/recipe configs) is also shipped
+    # as package data at loaders/configs/, where loaders.config_files.config_root() finds it in
+    # an installed copy; a checkout reads configs/ itself
+    packages=[*find_packages(include=["fastssl", "fastssl.*", "loaders", "loaders.*", "benchmarks"]),
+              "loaders.configs"],
+    package_dir={"loaders.configs": "configs"},
+    package_data={"loaders.configs": ["*.yaml", "*/*.yaml"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras,

@@ -8,15 +8,47 @@ files to start from::
 
 Files are merged in order (``defaults`` first, each one's own ``defaults`` before it, then the
 file's own keys); later keys override earlier ones, mappings merge key by key, lists are
-replaced. Command-line overrides ``train.steps=100`` come last; their values are parsed as YAML
-scalars (``1e-3`` -> float, ``null`` -> None, ``[1,2]`` -> list).
+replaced, and a mapping with a different ``type`` or ``name`` than the one it lands on replaces
+it whole (``eval.train: {type: npz, path: ...}`` over ``{type: cifar, root: ...}``, ``method:
+{name: byol}`` over ``{name: simclr, temperature: 0.2}``). ``defaults`` entries are looked up
+in the ``configs/`` folders above the file, next to the file, then in the shipped configs
+(:data:`CONFIG_ROOT`: the repository's ``configs/`` in a checkout, the package data
+``loaders/configs/`` when installed; see :func:`loaders.config_files.config_root`).
+
+Command-line overrides come last, as ``key.sub=value`` strings. Their values are parsed as YAML
+scalars (``1e-3`` -> float, ``[1,2]`` -> list, ``{a: 1}`` -> mapping); list items are indexed
+by number (``data.sources.0.n=50``). Special forms:
+
+* ``key=null`` (or ``key=~``, or ``key=``) *unsets* the key: it is removed from the composed
+  dict, so the schema default (typed sections) or the owning component's default (open
+  sections) applies, e.g. ``augment.preset=null``, ``train.steps=null``. ``key=null`` on a list
+  item removes the item. (Inside YAML files ``null`` stays a value.)
+* ``method=NAME`` / ``data=NAME`` (a bare string for a whole *config group* section) selects
+  ``configs/method/NAME.yaml`` / ``configs/data/NAME.yaml`` (composed with its own
+  ``defaults``; looked up like ``defaults`` entries). That file's ``method`` (``data``) section
+  *replaces* the run's section (no hyper-parameters of the previous method survive); its other
+  sections (e.g. ``augment: {preset: asymmetric}``) merge in like a ``defaults`` entry appended
+  to the config file's list: over the config's defaults, under the config file's own keys.
+  Group selections are applied before all ``key.sub=value`` overrides, whatever their order on
+  the command line (``method=byol method.tau_base=0.996`` and the reverse mean the same). An
+  unknown name is a ConfigError listing the names in the group folders. (:func:`apply_overrides`
+  on a plain dict has no layers: there the other sections merge over the dict.)
+* ``augment=NAME`` is ``augment: {preset: NAME}`` (the whole section is replaced; use
+  ``augment.preset=NAME`` to keep the other augment keys such as ``size``).
+
+YAML booleans are ``true``/``false`` only (any of true, True, TRUE, false, False, FALSE):
+``yes``/``no``/``on``/``off`` stay strings (``train.mixed_precision=no`` is the string "no").
+Fields of type ``bool`` also accept the strings yes/no/on/off/true/false in any case
+(``train.probe=off`` -> False).
 
 Typed sections (``model``, ``optim``, ``train``, ``eval``, ``log``) are checked here: an
 unknown key raises :class:`~loaders.errors.ConfigError` naming the closest valid key, a value
 of the wrong type names the key, the expected type and what it got. Open sections are passed
 through to the component that owns their schema: ``data`` to ``loaders.pipeline.build_loader``,
-``augment`` (``{preset: NAME, **overrides}``) to ``loaders.augment.Augment`` and ``method``
-(``{name: NAME, **hparams}``) to ``fastssl.methods.build_method``.
+``augment`` (``{preset: NAME, **overrides}``) to ``loaders.augment.Augment``, ``method``
+(``{name: NAME, **hparams}``) to ``fastssl.methods.build_method`` and ``recipes`` (a list of
+``{name: NAME, **keys}``, e.g. ``[{name: bcl, beta: 0.97}]``) to the recipe registry; here
+``recipes`` is only checked to be a list of mappings with a string ``name``.
 """
 from __future__ import annotations
 
@@ -31,16 +63,20 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from loaders.config_files import config_root
 from loaders.errors import ConfigError, check_keys
 
 __all__ = [
     "RunConfig", "ModelConfig", "OptimConfig", "TrainConfig", "EvalConfig", "LogConfig",
-    "CONFIG_ROOT", "load_yaml", "compose", "apply_overrides", "parse_override", "from_dict",
-    "load_config", "to_dict", "dump",
+    "CONFIG_ROOT", "GROUPS", "load_yaml", "compose", "load_group", "apply_overrides", "parse_override",
+    "from_dict", "load_config", "to_dict", "dump",
 ]
 
-#: the repository's ``configs/`` folder (where ``defaults`` entries are looked up last)
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+#: the shipped configs (``defaults`` entries and group files are looked up here last): the
+#: repository's ``configs/`` in a checkout, the installed package data otherwise
+CONFIG_ROOT = config_root()
+#: config groups selectable by name on the command line (``method=byol``, ``data=demo``)
+GROUPS = ("method", "data")
 
 
 @dataclass
@@ -90,6 +126,8 @@ class TrainConfig:
     grad_accum: int = 1
     #: write a checkpoint every this many steps (0 = only at the end)
     checkpoint_every: int = 0
+    #: how many step checkpoints are kept (older ones are deleted); 0 = keep all
+    keep_checkpoints: int = 2
     #: path to a checkpoint, "auto" (latest in the run directory) or None
     resume: Optional[str] = None
     #: torch.use_deterministic_algorithms + fixed threads: bit-reproducible resume on CPU
@@ -104,9 +142,6 @@ class TrainConfig:
     #: online probe lr per 256 images (None = the method's classifier_lr, 0.05: 0.1 at batch 512)
     probe_lr: Optional[float] = None
     num_classes: int = 10
-    #: BCL: per-sample momentum loss drives the augmentation strength (REFERENCE.md section 3)
-    bcl: bool = False
-    bcl_beta: float = 0.97
     #: stop after this many steps without returning an error (tests; None = run to the end)
     stop_after: Optional[int] = None
 
@@ -152,11 +187,13 @@ class LogConfig:
     progress: bool = True
     #: write the sample ids of every step to indices_rank{r}.jsonl (reproducibility checks)
     indices: bool = False
+    #: Weights & Biases logging: None (off), "offline" or "online"
+    wandb: Optional[str] = None
 
 
 @dataclass
 class RunConfig:
-    """The whole run. ``data``, ``augment`` and ``method`` are validated by their owners."""
+    """The whole run. ``data``, ``augment``, ``method`` and ``recipes`` are validated by their owners."""
 
     data: Dict[str, Any] = field(default_factory=dict)
     augment: Dict[str, Any] = field(default_factory=lambda: {"preset": "symmetric"})
@@ -166,26 +203,42 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    #: training recipes layered on the method, each ``{name: NAME, **keys}`` (e.g. BCL:
+    #: ``{name: bcl, beta: 0.97}``); their keys are checked by the recipe registry
+    recipes: List[Dict[str, Any]] = field(default_factory=list)
     #: free-form name of the run (default: the config file's stem)
     name: str = "run"
 
 
+#: mapping sections whose keys are checked by their owners, not here
 _OPEN_SECTIONS = ("data", "augment", "method")
+#: list sections of ``{name: ..., ...}`` entries checked by their owners (here: the list shape)
+_OPEN_LISTS = ("recipes",)
 
 
 # ----------------------------------------------------------------------------- YAML files
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` / ``5e4`` as floats (YAML 1.1 wants ``1.0e-3``)."""
+    """SafeLoader that also reads ``1e-3`` / ``5e4`` as floats (YAML 1.1 wants ``1.0e-3``) and
+    reads only true/false (True, TRUE, False, FALSE) as booleans: ``no``/``off``/``yes``/``on``
+    stay strings (``mixed_precision: no``)."""
 
 
-_Loader.add_implicit_resolver(
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.add_implicit_resolver(   # (the first call gives _Loader its own copy of the resolver table)
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
     |\.[0-9_]+(?:[eE][-+][0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
+    |\.(?:nan|NaN|NAN))$""", re.VERBOSE),
     list("-+0123456789."))
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+#: strings that ``bool`` schema fields accept (case-insensitive)
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 def _yaml_load(text: str):
@@ -209,21 +262,30 @@ def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
 
 
 def _deep_merge(base: Dict[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
-    """``top`` over ``base``: mappings merge recursively, everything else is replaced."""
+    """``top`` over ``base``: mappings merge recursively, everything else is replaced. A mapping
+    whose ``type`` or ``name`` differs from the one below it (another data source, another
+    method) replaces it whole: keys of a different kind of thing never leak into it."""
     out = dict(base)
     for k, v in top.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and not _other_kind(out[k], v):
             out[k] = _deep_merge(dict(out[k]), v)
         else:
             out[k] = copy.deepcopy(v)
     return out
 
 
-def _config_roots(path: Path) -> List[Path]:
-    roots = [p for p in [path.parent, *path.parents] if p.name == "configs"]
-    roots.append(path.parent)
+def _other_kind(below: Mapping[str, Any], above: Mapping[str, Any]) -> bool:
+    return any(key in below and key in above and below[key] != above[key] for key in ("type", "name"))
+
+
+def _config_roots(path: Optional[Path]) -> List[Path]:
+    """Where ``defaults`` entries and group files of the config ``path`` are looked up, in order:
+    the ``configs/`` folders above it, its own folder, then :data:`CONFIG_ROOT`."""
+    roots = [] if path is None else [p for p in [path.parent, *path.parents] if p.name == "configs"]
+    if path is not None:
+        roots.append(path.parent)
     roots.append(CONFIG_ROOT)
-    return roots
+    return list(dict.fromkeys(roots))
 
 
 def _find_default(entry: str, path: Path) -> Path:
@@ -235,8 +297,8 @@ def _find_default(entry: str, path: Path) -> Path:
                       f"{', '.join(str(r) for r in _config_roots(path))}")
 
 
-def compose(path: Union[str, Path], _seen: Sequence[Path] = ()) -> Dict[str, Any]:
-    """Merge ``path`` with its ``defaults`` (recursively) into one plain dict."""
+def _compose_layers(path: Union[str, Path], _seen: Sequence[Path] = ()):
+    """``(defaults merged, the file's own keys)`` of ``path``; :func:`compose` merges the two."""
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f"config file {path} includes itself through 'defaults'")
@@ -249,12 +311,44 @@ def compose(path: Union[str, Path], _seen: Sequence[Path] = ()) -> Dict[str, Any
     merged: Dict[str, Any] = {}
     for entry in defaults:
         merged = _deep_merge(merged, compose(_find_default(str(entry), path), (*_seen, path)))
+    return merged, doc
+
+
+def compose(path: Union[str, Path], _seen: Sequence[Path] = ()) -> Dict[str, Any]:
+    """Merge ``path`` with its ``defaults`` (recursively) into one plain dict."""
+    merged, doc = _compose_layers(path, _seen)
     return _deep_merge(merged, doc)
+
+
+def load_group(group: str, name: str, roots: Optional[Sequence[Path]] = None) -> Dict[str, Any]:
+    """The composed ``{group}/{name}.yaml`` from the first of ``roots`` (default: only
+    :data:`CONFIG_ROOT`) that has it: what ``method=byol`` / ``data=demo`` selects."""
+    roots = list(dict.fromkeys(roots or [CONFIG_ROOT]))
+    name = name.removesuffix(".yaml")
+    for root in roots:
+        cand = root / group / f"{name}.yaml"
+        if cand.is_file():
+            doc = compose(cand)
+            if not isinstance(doc.get(group), Mapping):
+                raise ConfigError(f"config group file {cand} has no '{group}' section to select with {group}={name}")
+            return doc
+    folders = ", ".join(str(r / group) for r in roots)
+    available = sorted({p.stem for r in roots for p in (r / group).glob("*.yaml")})
+    check_keys({name: None}, available, f"config group '{group}' ({folders})")
+    raise ConfigError(f"config group '{group}': {name}.yaml not found in {folders}")
+
+
+def _check_preset(name: str) -> str:
+    """``name`` when it is an augmentation preset, else ConfigError listing the presets."""
+    from loaders.augment import PRESET_DIR, list_presets
+    check_keys({name: None}, list_presets(), f"augmentation presets for augment={name} ({PRESET_DIR})")
+    return name
 
 
 # ----------------------------------------------------------------------------- overrides
 def parse_override(text: str):
-    """``"train.steps=100"`` -> ``(["train", "steps"], 100)``; the value is a YAML scalar."""
+    """``"train.steps=100"`` -> ``(["train", "steps"], 100)``; the value is a YAML scalar
+    (``None`` for ``null``, ``~`` or nothing: the key is unset)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value")
     key, raw = text.split("=", 1)
@@ -268,28 +362,72 @@ def parse_override(text: str):
     return key.split("."), value
 
 
-def apply_overrides(cfg: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Apply ``key.sub=value`` strings to a plain dict (lists are indexed by number)."""
+def _group_selection(keys: List[str], value: Any) -> bool:
+    """``method=NAME`` / ``data=NAME``: a bare string for a whole group section."""
+    return len(keys) == 1 and keys[0] in GROUPS and isinstance(value, str)
+
+
+def apply_overrides(cfg: Dict[str, Any], overrides: Sequence[str], *,
+                    roots: Optional[Sequence[Path]] = None) -> Dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a plain dict, in order (see the module docstring:
+    ``key=null`` unsets, ``augment=NAME`` picks a preset, ``method=NAME``/``data=NAME`` select a
+    group file from ``roots``, default :data:`CONFIG_ROOT`; here its other sections merge over
+    ``cfg``)."""
     cfg = copy.deepcopy(cfg)
     for text in overrides:
         keys, value = parse_override(text)
-        node: Any = cfg
-        for i, k in enumerate(keys[:-1]):
-            where = ".".join(keys[: i + 1])
-            if isinstance(node, list):
-                node = node[_list_index(node, k, where)]
-                continue
-            if k not in node or node[k] is None:
-                node[k] = {}
-            node = node[k]
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"override '{text}': '{where}' is a {type(node).__name__}, not a section")
+        if _group_selection(keys, value):
+            doc = load_group(keys[0], value, roots)
+            cfg = _deep_merge(cfg, {k: v for k, v in doc.items() if k != keys[0]})
+            cfg[keys[0]] = doc[keys[0]]
+            continue
+        if keys == ["augment"] and isinstance(value, str):
+            value = {"preset": _check_preset(value)}
+        if value is None:    # unset: a misspelt key would otherwise pass silently
+            _check_schema_key(keys)
+        node = _walk(cfg, keys, text, create=value is not None)
+        if node is None:     # unsetting a key under a section that is not there: nothing to do
+            continue
         last = keys[-1]
         if isinstance(node, list):
-            node[_list_index(node, last, ".".join(keys))] = value
+            i = _list_index(node, last, ".".join(keys))
+            if value is None:
+                del node[i]
+            else:
+                node[i] = value
+        elif value is None:
+            node.pop(last, None)
         else:
             node[last] = value
     return cfg
+
+
+def _check_schema_key(keys: List[str]) -> None:
+    """ConfigError (closest match) when ``keys`` names no top-level section or typed-section key."""
+    check_keys({keys[0]: None}, [f.name for f in dataclasses.fields(RunConfig)], "the run config")
+    section = typing.get_type_hints(RunConfig)[keys[0]]
+    if dataclasses.is_dataclass(section) and len(keys) > 1:
+        check_keys({keys[1]: None}, [f.name for f in dataclasses.fields(section)], f"config section '{keys[0]}'")
+
+
+def _walk(cfg: Dict[str, Any], keys: List[str], text: str, *, create: bool):
+    """The dict or list that holds ``keys[-1]``; missing sections are created when ``create``,
+    else None is returned."""
+    node: Any = cfg
+    for i, k in enumerate(keys[:-1]):
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, k, where)]
+        elif node.get(k) is not None:
+            node = node[k]
+        elif not create:
+            return None
+        else:
+            node[k] = {}
+            node = node[k]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override '{text}': '{where}' is a {type(node).__name__}, not a section")
+    return node
 
 
 def _list_index(node: list, k: str, where: str) -> int:
@@ -344,6 +482,8 @@ def _check_type(value, tp, key: str):
     elif tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -389,6 +529,7 @@ def from_dict(d: Mapping[str, Any]) -> RunConfig:
     d = dict(d)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     check_keys(d, fields, "the run config")
+    _check_removed(d)
     kwargs: Dict[str, Any] = {}
     for name in _OPEN_SECTIONS:
         if name in d:
@@ -396,6 +537,9 @@ def from_dict(d: Mapping[str, Any]) -> RunConfig:
             if not isinstance(v, Mapping):
                 raise ConfigError(f"config section '{name}' must be a mapping, got {type(v).__name__} {v!r}")
             kwargs[name] = copy.deepcopy(dict(v))
+    for name in _OPEN_LISTS:
+        if name in d:
+            kwargs[name] = _check_named_list(d.pop(name), name)
     if "method" in kwargs and "name" not in kwargs["method"]:
         raise ConfigError("config section 'method' needs a 'name' (e.g. simclr)")
     if "augment" in kwargs and isinstance(kwargs["augment"].get("preset", ""), str) is False:
@@ -405,6 +549,36 @@ def from_dict(d: Mapping[str, Any]) -> RunConfig:
         setattr(cfg, k, v)
     _validate(cfg)
     return cfg
+
+
+def _check_removed(d: Mapping[str, Any]) -> None:
+    """Keys that moved elsewhere: a ConfigError that says where to, not just 'unknown key'."""
+    train = d.get("train")
+    if isinstance(train, Mapping):
+        for k in ("bcl", "bcl_beta"):
+            if k in train:
+                beta = train.get("bcl_beta", 0.97)
+                raise ConfigError(f"config key 'train.{k}': train.bcl was replaced by "
+                                  f"recipes: [{{name: bcl, beta: {beta}}}]")
+
+
+def _check_named_list(value: Any, key: str) -> List[Dict[str, Any]]:
+    """``recipes``: a list of mappings, each with a string ``name`` (the rest is the owner's)."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config key '{key}': expected a list of {{name: ..., ...}} mappings, "
+                          f"got {type(value).__name__} {value!r}")
+    out = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"config key '{key}[{i}]': expected a mapping such as {{name: bcl, beta: 0.97}}, "
+                              f"got {type(entry).__name__} {entry!r}")
+        if not isinstance(entry.get("name"), str):
+            raise ConfigError(f"config key '{key}[{i}].name': expected str (the entry's name), "
+                              f"got {entry.get('name')!r}")
+        out.append(copy.deepcopy(dict(entry)))
+    return out
 
 
 def _validate(cfg: RunConfig) -> None:
@@ -422,28 +596,46 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'train.steps': must be >= 1, got {t.steps}")
     if t.checkpoint_every < 0:
         raise ConfigError(f"config key 'train.checkpoint_every': must be >= 0, got {t.checkpoint_every}")
-    if not 0.0 <= t.bcl_beta < 1.0:
-        raise ConfigError(f"config key 'train.bcl_beta': must be in [0, 1), got {t.bcl_beta}")
+    if t.keep_checkpoints < 0:
+        raise ConfigError(f"config key 'train.keep_checkpoints': must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     if cfg.eval.linear_optimizer not in ("adam", "sgd"):
         raise ConfigError(f"config key 'eval.linear_optimizer': expected adam or sgd, got {cfg.eval.linear_optimizer!r}")
     if cfg.log.every < 1:
         raise ConfigError(f"config key 'log.every': must be >= 1, got {cfg.log.every}")
+    if cfg.log.wandb not in (None, "offline", "online"):
+        raise ConfigError(f"config key 'log.wandb': expected null, offline or online, got {cfg.log.wandb!r}")
     if cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps < 0:
         raise ConfigError(f"config key 'optim.warmup_steps': must be >= 0, got {cfg.optim.warmup_steps}")
 
 
 def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = (),
                 *, base: Optional[Mapping[str, Any]] = None) -> RunConfig:
-    """Compose ``path`` (or start from ``base``), apply ``overrides``, type-check.
+    """Compose ``path`` (over ``base``), apply ``overrides``, type-check.
 
-    The run's ``name`` defaults to the config file's stem.
+    Layers, lowest first: ``base``; the file's ``defaults``; the group files selected by
+    ``method=NAME`` / ``data=NAME`` overrides (all sections but the selected one); the file's own
+    keys; the selected sections (replacing the run's); then the ``key.sub=value`` overrides in
+    order. Group files are looked up like ``defaults`` entries of ``path``. The run's ``name``
+    defaults to the config file's stem.
     """
-    d: Dict[str, Any] = dict(base or {})
+    roots = _config_roots(None if path is None else Path(path).resolve())
+    groups, rest = [], []
+    for text in overrides:
+        keys, value = parse_override(text)
+        if _group_selection(keys, value):
+            groups.append((keys[0], load_group(keys[0], value, roots)))
+        else:
+            rest.append(text)
+    lower, own = _compose_layers(path) if path is not None else ({}, {})
+    d = _deep_merge(dict(base or {}), lower)
+    for group, doc in groups:
+        d = _deep_merge(d, {k: v for k, v in doc.items() if k != group})
+    d = _deep_merge(d, {k: v for k, v in own.items() if k not in {g for g, _ in groups}})
+    for group, doc in groups:
+        d[group] = copy.deepcopy(doc[group])
     if path is not None:
-        d = _deep_merge(d, compose(path))
         d.setdefault("name", Path(path).stem)
-    d = apply_overrides(d, overrides)
-    return from_dict(d)
+    return from_dict(apply_overrides(d, rest, roots=roots))
 
 
 def to_dict(cfg: RunConfig) -> Dict[str, Any]:

@@ -19,20 +19,31 @@ to add one)::
       - {count: 2}
 
 ``Augment.from_preset(name, **overrides)`` accepts any ViewSpec key (applied to every view),
-``mean``/``std``/``seed``, and two ablation shortcuts (REFERENCE.md §1):
+``mean``/``std``/``seed``, and two ablation shortcuts of the AdaInf paper (Wang et al. 2024):
 ``crop_min_scale=s`` (scale = (s, max)) and ``jitter_strength=s``
 (brightness, contrast, saturation, hue = s * (0.8, 0.8, 0.8, 0.2)).
+
+Sizes keep a multi-crop preset's proportions: ``size=S`` scales every view by ``S / (the first
+view's preset size)`` (``round(view_size * S / first_size)`` rounded half up, at least 1 px), so
+DINO's 224 + 96 px at ``size=112`` becomes 112 + 48 px and a one-size preset is simply ``S``.
+``global_size=G`` / ``local_size=L`` set the views whose preset size is the largest one
+(global) / all the others (local) instead; they exclude ``size``. A view's blur kernel follows
+its new size unless the preset fixes ``blur_kernel``.
+
+The preset folder is :func:`loaders.config_files.config_root` ``/ "augment"``: the repository's
+``configs/augment/`` in a checkout, the package data ``loaders/configs/augment/`` when installed.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from pathlib import Path
+import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from ..batch import Batch
+from ..config_files import config_root
 from ..crop import CropSpec
 from ..errors import ConfigError, check_keys
 from . import functional as AF
@@ -42,9 +53,9 @@ from .randaugment import RandAugmentSpec, apply_randaugment, sample_randaugment
 __all__ = ["ViewSpec", "Augment", "PRESET_DIR", "list_presets", "load_preset_config", "load_grid",
            "JITTER_BASE"]
 
-#: configs/ at the repository root
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "augment"
-#: the colour-jitter vector that ``jitter_strength`` scales (SimCLR; REFERENCE.md §1)
+#: the preset folder: configs/augment/ of the checkout, or of the installed package data
+PRESET_DIR = config_root() / "augment"
+#: the colour-jitter vector that ``jitter_strength`` scales (SimCLR's colour strength s = 1)
 JITTER_BASE = (0.8, 0.8, 0.8, 0.2)
 _INTERP = ("bilinear", "bicubic", "nearest")
 
@@ -322,9 +333,11 @@ class Augment:
 def apply_overrides(cfg: Mapping, overrides: Mapping, *, where: str = "overrides") -> Dict[str, Any]:
     """A copy of preset ``cfg`` with ``overrides`` applied (see the module docstring)."""
     cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
-    allowed = ("mean", "std", "seed", "crop_min_scale", "jitter_strength", *ViewSpec.keys())
+    allowed = ("mean", "std", "seed", "crop_min_scale", "jitter_strength", "global_size", "local_size",
+               *ViewSpec.keys())
     check_keys(overrides, allowed, where)
     ov = dict(overrides)
+    sizes = {k: ov.pop(k) for k in _SIZE_KEYS if k in ov}
     view_ov: Dict[str, Any] = {}
     for k in ("mean", "std", "seed"):
         if k in ov:
@@ -337,7 +350,7 @@ def apply_overrides(cfg: Mapping, overrides: Mapping, *, where: str = "overrides
         for key, base in zip(("brightness", "contrast", "saturation", "hue"), JITTER_BASE):
             view_ov[key] = s * base
     view_ov.update(ov)
-    if not view_ov:
+    if not view_ov and not sizes:
         return cfg
     defaults = dict(cfg.get("defaults") or {})
     views = [dict(v or {}) for v in (cfg.get("views") or [{}])]
@@ -355,5 +368,33 @@ def apply_overrides(cfg: Mapping, overrides: Mapping, *, where: str = "overrides
         # a view only needs patching where it overrides the defaults itself
         if any(k in v for k in view_ov) or ("_crop_min_scale" in view_ov and "scale" in v):
             patch(v)
+    if sizes:
+        _resize_views(defaults, views, sizes, where)
     cfg["defaults"], cfg["views"] = defaults, views
     return cfg
+
+
+_SIZE_KEYS = ("size", "global_size", "local_size")
+
+
+def _resize_views(defaults: Dict[str, Any], views: List[Dict[str, Any]], sizes: Mapping[str, Any],
+                  where: str) -> None:
+    """Give every view entry an explicit size from ``size`` (scaled by the first view) or from
+    ``global_size`` / ``local_size`` (views at the preset's largest size / the others)."""
+    for k, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{where}: '{k}' must be a positive number of pixels, got {v!r}")
+    if "size" in sizes and len(sizes) > 1:
+        raise ConfigError(f"{where}: give either 'size' or 'global_size'/'local_size', not both")
+    default = defaults.get("size", ViewSpec.size)
+    preset = [int(v.get("size", default)) for v in views]
+    largest = max(preset)
+    if "size" in sizes:
+        new = [max(1, math.floor(p * sizes["size"] / preset[0] + 0.5)) for p in preset]
+    else:
+        if "local_size" in sizes and min(preset) == largest:
+            raise ConfigError(f"{where}: 'local_size' needs local views smaller than the global ones, "
+                              f"but every view is {largest} px (use 'size' or 'global_size')")
+        new = [sizes.get("global_size" if p == largest else "local_size", p) for p in preset]
+    for v, n in zip(views, new):
+        v["size"] = n
