@@ -3,10 +3,12 @@ against the same step on synthetic input already on the device (the model-only c
 
 Three variants, measured in interleaved rounds (each: warm-up steps, then a timed window):
 
-* ``model-only``  -- the training step (forward both views, loss, backward, optimiser step) on
-  random normalised views resident on the device: what the model can do when data is free;
-* ``real``        -- the same step fed by our loader (decode + crop in its workers), the
-  augmentation engine on the device, ``Batch.to(device)`` in between;
+* ``model-only``  -- the training step on random normalised views resident on the device: what
+  the model can do when data is free. It is :class:`fastssl.step.TrainStep` built by
+  :func:`fastssl.build.build_training` -- the very step ``fastssl pretrain`` takes (method and
+  online probe forward, backward, update, EMA), with the method's published optimizer;
+* ``real``        -- the same step fed by the run's own loader (decode + crop in its workers)
+  and device path (:func:`fastssl.loop.device_batches`: copy ahead, augmentation engine);
 * ``loader-only`` -- the same loader + augmentation with no model: what the data path can deliver.
 
 ``real / model-only`` near 1 means compute-bound (the data path keeps up); well below 1 means
@@ -26,72 +28,88 @@ from .bench_loader import Variant, close_iter, measure_rounds
 from .common import write_record
 from .data import make_bench_data
 
-__all__ = ["run", "train_step", "verdict", "add_arguments", "from_args"]
+__all__ = ["run", "build_run", "verdict", "add_arguments", "from_args"]
 
 
-def build_model(*, method: str, backbone: str, width: int, cifar_stem: bool, device: str, views: int):
-    """(method module on ``device``, optimiser) with the method's published optimiser settings."""
-    import torch  # noqa: F401
-    from fastssl.methods import build_method, METHODS
-    from fastssl.models import build_backbone
-    from fastssl.optim import build_optimizer
+def build_run(source_cfg: Dict, *, method: str, backbone: str, width: int, cifar_stem: bool, preset: str,
+              size: int, views: int, batch_size: int, num_workers: int, device: str, seed: int = 0):
+    """``(parts, accelerator, step)``: the training run's own parts and step
+    (:func:`fastssl.build.build_training`, :class:`fastssl.step.TrainStep`) for a config that
+    reads ``source_cfg``; ``step(views, labels)`` is one optimizer step as ``fastssl pretrain``
+    takes it (method + online probe, backward, update, EMA)."""
+    from fastssl.build import build_training
+    from fastssl.config import load_config
+    from fastssl.step import TrainModule, TrainStep
+    from fastssl.trainer import make_accelerator
+    from loaders.base import build_source
 
-    net, feat = build_backbone(backbone, cifar_stem=cifar_stem, width=width)
-    m = build_method(method, backbone=net, feat_dim=feat).to(device)
-    d = dict(getattr(METHODS[method], "defaults", {}))
-    opt_kw = {k: d[k] for k in ("momentum", "eta", "clip") if k in d}
-    opt = build_optimizer(d.get("optimizer", "sgd"), m.param_groups(), lr=d.get("lr", 0.1),
-                          weight_decay=d.get("weight_decay", 0.0), **opt_kw)
-    m.train()
-    return m, opt
+    src = {k: v for k, v in source_cfg.items() if k != "name"}
+    labels = np.asarray(build_source(src).labels())
+    base = {
+        "name": "bench-e2e",
+        "data": {"sources": [dict(source_cfg)], "seed": seed, "backend": "torch", "batch_size": batch_size,
+                 "num_workers": num_workers, "on_error": "raise", "image_size": size, "crop_in_decode": True,
+                 "pin_memory": device.startswith("cuda")},
+        "augment": {"preset": preset, "size": size},
+        "method": {"name": method},
+        "model": {"backbone": backbone, "width": width, "cifar_stem": cifar_stem},
+        "optim": {"warmup_steps": 0},
+        "train": {"steps": 1, "seed": seed, "device": "cpu" if device == "cpu" else "auto",
+                  "num_classes": max(2, int(labels.max()) + 1 if labels.size else 2)},
+        "eval": {"enabled": False},
+    }
+    cfg = load_config(None, [], base=base)
+    accelerator = make_accelerator(cfg)
+    parts = build_training(cfg)
+    specs = list(parts.aug.crop_specs)
+    if len(specs) != views or any(s.size != size for s in specs):
+        from loaders.errors import ConfigError
+        raise ConfigError(f"augment preset '{preset}' makes {len(specs)} views of sizes {[s.size for s in specs]}; "
+                          f"this benchmark needs {views} views of {size} px (choose another --preset)")
+    objs = [TrainModule(parts.method, parts.probe), parts.optimizer]
+    objs += [parts.probe_opt] if parts.probe_opt is not None else []
+    prepared = accelerator.prepare(*objs)
+    step = TrainStep(accelerator, prepared[0], prepared[1], prepared[2] if len(prepared) > 2 else None,
+                     grad_clip=parts.recipe.get("grad_clip"))
+    step.module.train()
+    return parts, accelerator, step
 
 
-def train_step(model, opt, views) -> None:
-    """One optimisation step on ``views`` (list of float ``[B,3,H,W]`` on the model's device)."""
-    out = model(views)
-    opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    opt.step()
-    model.update_momentum(0.5)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
         import torch
         torch.cuda.synchronize()
 
 
-def model_only(model, opt, *, batch_size: int, size: int, views: int, device: str,
-               seed: int = 0) -> Iterator[Tuple[None, int]]:
-    """Endless training steps on fixed random views already on ``device``."""
+def model_only(step, *, batch_size: int, size: int, views: int, device, seed: int = 0) -> Iterator[Tuple[None, int]]:
+    """Endless training steps on fixed random views (and labels) already on ``device``."""
     import torch
     g = torch.Generator(device="cpu").manual_seed(seed)
     vs = [torch.randn(batch_size, 3, size, size, generator=g).to(device) for _ in range(views)]
+    labels = torch.zeros(batch_size, dtype=torch.int64, device=device)
     while True:
-        train_step(model, opt, vs)
+        step(vs, labels, progress=0.5)
         _sync(device)
         yield None, batch_size
 
 
-def real_data(source_cfg: Dict, *, model, opt, augment, crops, batch_size: int, num_workers: int, size: int,
-              device: str, seed: int = 0) -> Iterator[Tuple[None, int]]:
-    """Endless training steps (or, with ``model=None``, loader + augmentation only) on real data."""
-    from loaders.pipeline import build_loader
-    cfg = {"sources": [dict(source_cfg)], "seed": seed, "backend": "torch", "batch_size": batch_size,
-           "num_workers": num_workers, "on_error": "raise", "image_size": size, "crop_in_decode": True,
-           "pin_memory": device.startswith("cuda")}
-    loader = build_loader(cfg, crops=crops)
-    it = iter(loader)
+def real_data(parts, accelerator, *, step=None, seed: int = 0) -> Iterator[Tuple[None, int]]:
+    """Endless training steps (or, with ``step=None``, loader + augmentation only) on the run's
+    own loader and device augmentation (:func:`fastssl.loop.device_batches`)."""
+    from fastssl.loop import device_batches
+
+    device = accelerator.device
+    batches = device_batches(parts.loader, device, parts.aug, crop=not parts.crop_in_decode, rank=0, world=1,
+                             recipes=parts.recipes, start_step=0)
     try:
-        for step, batch in enumerate(it):
-            batch = augment(batch.to(device, non_blocking=True), step=step, crop=False)
-            if model is not None:
-                train_step(model, opt, batch.views)
+        for views, batch in batches:
+            if step is not None:
+                step(views, batch.label, progress=0.5)
             _sync(device)
             yield None, len(batch)
     finally:
-        close_iter(it)
-        del it, loader
+        close_iter(batches)
+        del batches
 
 
 def verdict(real: float, model: float, loader: Optional[float] = None) -> Dict:
@@ -114,7 +132,7 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
         command: Optional[str] = None, progress: bool = True, seed: int = 0):
     """Measure model-only, real and loader-only rates; write a record (+ PNG) and return its path."""
     import torch
-    from .bench_loader import DEFAULT_PRESETS, _augment
+    from .bench_loader import DEFAULT_PRESETS
     from .report import plot_record
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,19 +143,16 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
         fmt = "folder"
     size = data.out_size
     preset = preset or DEFAULT_PRESETS[dataset]
-    aug, crops = _augment(preset, size, views)
-    model, opt = build_model(method=method, backbone=backbone, width=width, cifar_stem=cifar_stem,
-                             device=device, views=views)
     scfg = data.source_config(fmt)
+    parts, accelerator, step = build_run(scfg, method=method, backbone=backbone, width=width, cifar_stem=cifar_stem,
+                                         preset=preset, size=size, views=views, batch_size=batch_size,
+                                         num_workers=cores, device=device, seed=seed)
+    dev = accelerator.device
     variants = [
-        Variant("model-only", "model", lambda: model_only(model, opt, batch_size=batch_size, size=size,
-                                                           views=views, device=device, seed=seed)),
-        Variant(f"real/{fmt}", "e2e", lambda: real_data(scfg, model=model, opt=opt, augment=aug, crops=crops,
-                                                        batch_size=batch_size, num_workers=cores, size=size,
-                                                        device=device, seed=seed)),
-        Variant(f"loader-only/{fmt}", "ours", lambda: real_data(scfg, model=None, opt=None, augment=aug, crops=crops,
-                                                                batch_size=batch_size, num_workers=cores,
-                                                                size=size, device=device, seed=seed)),
+        Variant("model-only", "model", lambda: model_only(step, batch_size=batch_size, size=size, views=views,
+                                                           device=dev, seed=seed)),
+        Variant(f"real/{fmt}", "e2e", lambda: real_data(parts, accelerator, step=step, seed=seed)),
+        Variant(f"loader-only/{fmt}", "ours", lambda: real_data(parts, accelerator, step=None, seed=seed)),
     ]
     res = measure_rounds(variants, repeats=repeats, seconds=window_s, warmup=warmup, progress=progress)
     from .common import summarize
@@ -151,6 +166,7 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
               "n": n, "view_px": size, "format": fmt, "batch_size": batch_size, "views": views, "num_workers": cores,
               "device": device, "torch_threads": torch.get_num_threads(), "preset": preset, "repeats": repeats,
               "window_s": window_s, "warmup_steps": warmup, "generator": data.generator, "seed": seed,
+              "step": "fastssl.step.TrainStep (method + online probe, as fastssl pretrain)",
               "unit": "training samples/s (each sample = `views` views)"}
     path = write_record("e2e", config=config, results=res, command=command, directory=out_dir or _results())
     plot_record(path)

@@ -26,6 +26,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--resume", metavar="PATH", default=None,
                    help="checkpoint to resume from, or 'auto' for the run directory's latest")
     p.add_argument("--out", metavar="DIR", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--force", action="store_true",
+                   help="start over in a run directory that holds an earlier run (its files are removed)")
     p.set_defaults(func=_cmd_pretrain)
 
 
@@ -94,7 +96,7 @@ def _cmd_pretrain(args) -> int:
         overrides.append(f"train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
     try:
-        result = train(cfg, out=args.out)
+        result = train(cfg, out=args.out, force=args.force)
     except NonFiniteLoss as e:
         print(f"fastssl pretrain: {e}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "knn_predict", "knn_accuracy", "linear_probe", "few_shot_indices", "class_groups",
-    "group_accuracy", "source_arrays", "extract_features", "evaluate_features", "evaluate_checkpoint",
+    "group_accuracy", "source_arrays", "extract_features", "evaluate_features", "evaluate_backbone",
+    "final_eval", "load_trained_backbone", "evaluate_checkpoint",
 ]
 
 
@@ -240,59 +241,122 @@ def evaluate_features(train_feats, train_labels, test_feats, test_labels, *, num
     return out
 
 
-def evaluate_checkpoint(path: Union[str, Path], *, data: Optional[Mapping] = None,
-                        linear: bool = True, device: Optional[str] = None,
-                        progress: bool = True) -> Dict[str, float]:
-    """What ``fastssl eval CHECKPOINT`` runs: rebuild the backbone from a checkpoint (or from a
-    ``backbone.pt`` next to its ``config.yaml``), extract features of the eval ``train`` and
-    ``test`` sources (``data`` overrides ``eval.train``/``eval.test``) and return kNN and
-    linear-probe top-1 (fractions)."""
-    from loaders.base import build_source
+def evaluate_backbone(cfg, backbone: nn.Module, sources, device, *, mean=None, std=None,
+                      linear: bool = True, progress: bool = False) -> Dict[str, float]:
+    """kNN (and linear-probe) top-1 of ``backbone`` with the run config's ``eval:`` settings on
+    ``sources = (labelled train source, test source)``; also ``num_classes`` and ``n_test``."""
+    ev = cfg.eval
+    tr_x, tr_y = source_arrays(sources[0], size=ev.image_size, progress=progress)
+    te_x, te_y = source_arrays(sources[1], size=ev.image_size, progress=progress)
+    num_classes = int(max(int(tr_y.max()), int(te_y.max())) + 1)
+    kw = dict(mean=mean if mean is not None else ev.mean, std=std if std is not None else ev.std,
+              batch_size=ev.batch_size, device=device, progress=progress)
+    lin = dict(epochs=ev.linear_epochs, optimizer=ev.linear_optimizer, lr=ev.linear_lr,
+               weight_decay=ev.linear_weight_decay, batch_size=ev.linear_batch_size, progress=progress)
+    res = evaluate_features(extract_features(backbone, tr_x, **kw), tr_y, extract_features(backbone, te_x, **kw),
+                            te_y, num_classes=num_classes, k=ev.knn_k, temperature=ev.knn_t,
+                            linear=linear and ev.linear, linear_kwargs=lin)
+    return {**res, "num_classes": num_classes, "n_test": len(te_y)}
+
+
+def _normalisation(cfg, aug=None):
+    """``eval.mean``/``eval.std``, else the run's augment preset's (what training normalised with)."""
+    ev = cfg.eval
+    if ev.mean is not None and ev.std is not None:
+        return ev.mean, ev.std
+    if aug is None:
+        from .build import build_augment
+        aug = build_augment(cfg.augment)
+    return ev.mean or aug.mean, ev.std or aug.std
+
+
+def final_eval(cfg, backbone: nn.Module, sources, device, *, run_dir: Optional[Path] = None, aug=None,
+               progress: Optional[bool] = None) -> Dict[str, float]:
+    """The end-of-run evaluation: kNN (and linear-probe) top-1 on the held-out split, next to kNN
+    of the same architecture at random initialisation and chance; printed, and written to
+    ``run_dir/eval.json`` when given. Keys: ``eval/knn_top1``, ``eval/linear_top1``,
+    ``eval/knn_top1_random_init``, ``eval/chance``, ``eval/seconds`` (fractions in [0, 1])."""
+    import json
+    import time
+
+    from .build import build_backbone
+
+    ev = cfg.eval
+    progress = cfg.log.progress if progress is None else progress
+    mean, std = _normalisation(cfg, aug)
+    t0 = time.perf_counter()
+    res = evaluate_backbone(cfg, backbone, sources, device, mean=mean, std=std, progress=progress)
+    out = {"eval/knn_top1": res["knn_top1"], "eval/chance": 1.0 / res["num_classes"]}
+    if "linear_top1" in res:
+        out["eval/linear_top1"] = res["linear_top1"]
+    if ev.random_init_baseline:
+        torch.manual_seed(cfg.train.seed)
+        rand, _ = build_backbone(cfg, aug)
+        base = evaluate_backbone(cfg, rand.to(device), sources, device, mean=mean, std=std, linear=False)
+        out["eval/knn_top1_random_init"] = base["knn_top1"]
+    out["eval/seconds"] = time.perf_counter() - t0
+    if run_dir is not None:
+        (Path(run_dir) / "eval.json").write_text(json.dumps(out, indent=2))
+    print(_report(out, k=ev.knn_k, n_test=res["n_test"]))
+    return out
+
+
+def _report(out: Mapping[str, float], *, k: int, n_test: int) -> str:
+    lines = [f"kNN top-1 (k={k}, held-out split, {n_test} images): {100 * out['eval/knn_top1']:.2f}%"]
+    if "eval/knn_top1_random_init" in out:
+        lines.append(f"kNN top-1, same encoder at random init: {100 * out['eval/knn_top1_random_init']:.2f}%")
+    lines.append(f"chance: {100 * out['eval/chance']:.2f}%")
+    if "eval/linear_top1" in out:
+        lines.append(f"linear-probe top-1 (frozen features): {100 * out['eval/linear_top1']:.2f}%")
+    return "\n".join(lines)
+
+
+def load_trained_backbone(path: Union[str, Path]):
+    """``(run config, backbone with the trained weights)`` from a training checkpoint, a
+    ``backbone.pt`` next to its ``config.yaml``, or a run directory."""
     from loaders.errors import ConfigError
 
+    from .build import build_augment, build_backbone
     from .config import from_dict, load_config
 
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"checkpoint {path} does not exist")
     if path.is_dir():  # a run directory: use its exported backbone
+        if not (path / "backbone.pt").is_file():
+            raise ConfigError(f"run directory {path} has no backbone.pt (the run has not finished; "
+                              f"evaluate a checkpoint from {path / 'checkpoints'} instead)")
         path = path / "backbone.pt"
     obj = torch.load(path, map_location="cpu", weights_only=False)  # our own files
     if isinstance(obj, dict) and "backbone" in obj and "config" in obj:  # training checkpoint
-        cfg = from_dict(obj["config"])
-        backbone_sd = obj["backbone"]
+        cfg, backbone_sd = from_dict(obj["config"]), obj["backbone"]
     else:  # plain backbone state_dict: the architecture comes from the run's config.yaml
         side = path.parent / "config.yaml"
         if not side.is_file():
             raise ConfigError(f"{path} is a plain state_dict and {side} (its run config) is missing")
-        cfg = load_config(side)
-        backbone_sd = obj
-    ev = cfg.eval
-    train_cfg = dict((data or {}).get("train") or ev.train or {})
-    test_cfg = dict((data or {}).get("test") or ev.test or {})
-    if not train_cfg or not test_cfg:
+        cfg, backbone_sd = load_config(side), obj
+    backbone, _ = build_backbone(cfg, build_augment(cfg.augment))
+    backbone.load_state_dict(backbone_sd)
+    return cfg, backbone
+
+
+def evaluate_checkpoint(path: Union[str, Path], *, data: Optional[Mapping] = None,
+                        linear: bool = True, device: Optional[str] = None,
+                        progress: bool = True) -> Dict[str, float]:
+    """What ``fastssl eval CHECKPOINT`` runs: rebuild the backbone (:func:`load_trained_backbone`),
+    extract features of the eval ``train`` and ``test`` sources (``data`` overrides
+    ``eval.train``/``eval.test``) and return kNN and linear-probe top-1 (fractions)."""
+    from loaders.errors import ConfigError
+
+    from .build import build_eval_sources
+
+    cfg, backbone = load_trained_backbone(path)
+    sources = build_eval_sources(cfg, dict(data) if data else None)
+    if sources is None:
         raise ConfigError(f"{path}: no eval data; give eval.train and eval.test source configs "
                           f"(e.g. --data data.yaml with train: and test: sections)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from fastssl.trainer import _build_backbone, build_augment
-    backbone, _ = _build_backbone(cfg, build_augment(cfg.augment))
-    backbone.load_state_dict(backbone_sd)
-    backbone.to(device)
-    tr_x, tr_y = source_arrays(build_source(train_cfg), size=ev.image_size, progress=progress)
-    te_x, te_y = source_arrays(build_source(test_cfg), size=ev.image_size, progress=progress)
-    mean, std = ev.mean, ev.std
-    if mean is None or std is None:  # the run's augment preset normalised the training views
-        from fastssl.trainer import build_augment
-        aug = build_augment(cfg.augment)
-        mean, std = mean or aug.mean, std or aug.std
-    kw = dict(mean=mean, std=std, batch_size=ev.batch_size, device=device, progress=progress)
-    f_tr = extract_features(backbone, tr_x, **kw)
-    f_te = extract_features(backbone, te_x, **kw)
-    num_classes = int(max(tr_y.max(), te_y.max()) + 1)
-    return evaluate_features(
-        f_tr, tr_y, f_te, te_y, num_classes=num_classes, k=ev.knn_k, temperature=ev.knn_t,
-        linear=linear and ev.linear,
-        linear_kwargs=dict(epochs=ev.linear_epochs, optimizer=ev.linear_optimizer, lr=ev.linear_lr,
-                           weight_decay=ev.linear_weight_decay, batch_size=ev.linear_batch_size,
-                           progress=progress))
-
+    mean, std = _normalisation(cfg)
+    res = evaluate_backbone(cfg, backbone.to(device), sources, device, mean=mean, std=std, linear=linear,
+                            progress=progress)
+    return {k: v for k, v in res.items() if k in ("knn_top1", "linear_top1")}

@@ -1,4 +1,5 @@
-"""Run records: metrics.jsonl (+ CSV), TensorBoard scalars, a tqdm bar and an end-of-run plot.
+"""Run records: metrics.jsonl (+ CSV), TensorBoard scalars and histograms, optional W&B (offline
+or online), and an end-of-run plot.
 
 Only the main process writes: other ranks get a logger with ``enabled=False`` whose calls do
 nothing. ``metrics.jsonl`` holds one JSON object per logged step (``{"step": s, "loss": ...}``)
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import secrets
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Union
 
@@ -42,12 +44,14 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Union[str, Path], *, enabled: bool = True, tensorboard: bool = True,
-                 csv_file: bool = True, plot: bool = True, resume_step: Optional[int] = None):
+                 csv_file: bool = True, plot: bool = True, resume_step: Optional[int] = None, wandb: Optional[str] = None,
+                 config: Optional[Mapping] = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.csv_file = csv_file
         self.plot = plot
         self._tb = None
+        self._wandb = None
         self._fh = None
         if not enabled:
             return
@@ -62,9 +66,13 @@ class MetricsLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step)
+                # purge what a killed run wrote *after* the checkpoint: its point at the resume
+                # step itself was logged before the checkpoint and stays
+                purge = resume_step + 1 if resume_step is not None else None
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
             except ImportError:  # tensorboard is optional for the JSONL/CSV records
                 self._tb = None
+        self._wandb = _start_wandb(wandb, self.run_dir, config, resume_step) if wandb else None
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -76,6 +84,18 @@ class MetricsLogger:
             if self._tb is not None and math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
         self._fh.write(json.dumps(rec) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in rec.items() if k != "step" and isinstance(v, float)}, step=int(step))
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        """A distribution (1-d tensor or array) at ``step``: TensorBoard and W&B only."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.add_histogram(tag, values, step)
+        if self._wandb is not None:
+            import wandb
+            self._wandb.log({tag: wandb.Histogram(_as_numpy(values))}, step=int(step))
 
     def text(self, tag: str, value: str) -> None:
         if self.enabled and self._tb is not None:
@@ -91,11 +111,43 @@ class MetricsLogger:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         records = read_metrics(self.path)
         if self.csv_file:
             write_csv(records, self.run_dir / "metrics.csv")
         if self.plot and records:
             plot_metrics(records, self.run_dir / "metrics.png")
+
+
+def _as_numpy(values):
+    import numpy as np
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values)
+
+
+def _start_wandb(mode: str, run_dir: Path, config: Optional[Mapping], resume_step: Optional[int]):
+    """A W&B run in ``run_dir/wandb`` (``mode``: offline | online; the ``wandb`` extra).
+
+    The run id is kept in ``run_dir/wandb/run_id`` so that a resumed run continues the same
+    W&B run; ``wandb sync run_dir/wandb/offline-run-*`` uploads an offline run later."""
+    try:
+        import wandb
+    except ImportError as e:
+        from loaders.errors import ConfigError
+        raise ConfigError(f"log.wandb={mode} needs the wandb package: pip install 'fastssl[wandb]' ({e})") from e
+    folder = run_dir / "wandb"
+    folder.mkdir(parents=True, exist_ok=True)
+    id_file = folder / "run_id"
+    if resume_step is not None and id_file.exists():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+    return wandb.init(mode=mode, dir=str(run_dir), id=run_id, resume="allow", name=run_dir.name,
+                      config=dict(config or {}), reinit=True)
 
 
 def write_csv(records: List[Dict], path: Union[str, Path]) -> Path:

@@ -122,5 +122,7 @@ def test_online_probe_ignores_unlabelled():
     # a batch without labels: loss 0 with a graph, no NaN
     empty = probe(torch.randn(3, 8), torch.full((3,), -1))
     assert empty.loss.item() == 0.0 and empty.count == 0 and empty.loss.requires_grad
-    with pytest.raises(ValueError, match="train.num_classes"):
+    # out-of-range labels are refused once at set-up (fastssl.build.check_labels, tested in
+    # test_trainer.py); inside the step cross_entropy still refuses them
+    with pytest.raises((IndexError, RuntimeError)):
         probe(torch.randn(2, 8), torch.tensor([0, 4]))

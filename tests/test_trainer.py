@@ -5,10 +5,13 @@ import json
 import pytest
 import torch
 
+from loaders.errors import ConfigError
+
 from fastssl.checkpoint import load_checkpoint
 from fastssl.config import load_config
 from fastssl.metrics_log import read_metrics
-from fastssl.trainer import BCLTable, NonFiniteLoss, train
+from fastssl.recipes.bcl import BCLTable
+from fastssl.trainer import NonFiniteLoss, train
 
 
 def tiny(tmp_path, *overrides, sources=None):
@@ -83,7 +86,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     good = tmp_path / "run" / "checkpoints" / "step_00000001.pt"
     assert str(good) in msg
     ck = load_checkpoint(good)
-    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in ck["model"].values()
+               if isinstance(v, torch.Tensor) and v.is_floating_point())
     assert not (tmp_path / "run" / "checkpoints" / "step_00000002.pt").exists()
     assert not (tmp_path / "run" / "backbone.pt").exists()
 
@@ -123,18 +127,124 @@ def test_bcl_table_follows_reference_formula():
 
 def test_bcl_run_updates_table(tmp_path):
     # 64 samples, 16 per step: an epoch every 4 steps; strengths are set after step 4
-    cfg = tiny(tmp_path, "train.steps=5", "train.bcl=true", "eval.enabled=false",
+    cfg = tiny(tmp_path, "train.steps=5", "recipes=[{name: bcl, beta: 0.97}]", "eval.enabled=false",
                "augment.preset=bcl", "augment.size=16")
     train(cfg)
     ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000005.pt")
-    assert ck["bcl"]["seen"].all()
-    w = ck["bcl"]["w"]
+    assert ck["recipes"]["bcl"]["seen"].all()
+    w = ck["recipes"]["bcl"]["w"]
     assert w.min() >= 0 and w.max() <= 1 and w.std() > 0
 
 
-def test_fresh_run_in_used_directory_drops_old_checkpoints(tmp_path):
+def test_used_run_directory_needs_resume_or_force(tmp_path):
     train(tiny(tmp_path, "train.steps=4", "eval.enabled=false"))
-    train(tiny(tmp_path, "train.steps=2", "eval.enabled=false"))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run.*--resume auto.*--force"):
+        train(tiny(tmp_path, "train.steps=2", "eval.enabled=false"))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before          # nothing touched
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004.pt").exists()
+    train(tiny(tmp_path, "train.steps=2", "eval.enabled=false"), force=True)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
     assert names == ["step_00000002.pt"]
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert not (tmp_path / "run" / "backbone.json").read_text().count('"step": 4')
+
+
+def test_cli_force_flag(tmp_path, capsys):
+    from fastssl.cli import EXIT_USAGE, main
+    cfg = _write(tmp_path, tiny(tmp_path, "train.steps=1", "eval.enabled=false"))
+    assert main(["pretrain", str(cfg)]) == 0
+    assert main(["pretrain", str(cfg)]) == EXIT_USAGE
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["pretrain", str(cfg), "--force"]) == 0
+
+
+def _write(tmp_path, cfg):
+    import yaml
+    from fastssl.config import to_dict
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path
+
+
+def test_warmup_longer_than_the_run_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"warm-up \(5 steps, optim.warmup_steps\).*run \(4 steps\)"):
+        train(tiny(tmp_path, "optim.warmup_steps=5"))
+    # the method's published default (1000 steps) against a short run names the key to set
+    with pytest.raises(ConfigError, match=r"1000 steps, the default of method 'simclr'; set optim.warmup_steps"):
+        train(tiny(tmp_path, "optim.warmup_steps=null"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, needle", [
+    ("data.batch_size=8", "data.batch_size (checkpoint 16, now 8)"),
+    ("data.sources.0.n=48", "data.sources[0].n (checkpoint 64, now 48)"),
+    ("method.temperature=0.5", "method.temperature"),
+    ("method={name: byol, proj_hidden_dim: 32, proj_output_dim: 16, pred_hidden_dim: 8}", "method.name"),
+])
+def test_resume_with_other_settings_is_refused(tmp_path, change, needle):
+    train(tiny(tmp_path, "train.steps=4", "train.stop_after=2", "eval.enabled=false"))
+    with pytest.raises(ConfigError, match="cannot resume from") as e:
+        train(tiny(tmp_path, "train.steps=4", "eval.enabled=false", "train.resume=auto", change))
+    assert needle in str(e.value)
+
+
+def test_keep_checkpoints(tmp_path):
+    train(tiny(tmp_path, "train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=3",
+               "eval.enabled=false"))
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert names == ["step_00000003.pt", "step_00000004.pt", "step_00000005.pt"]
+    train(tiny(tmp_path, "train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=0",
+               "eval.enabled=false"), force=True)
+    assert len(list((tmp_path / "run" / "checkpoints").glob("step_*.pt"))) == 5
+
+
+def test_tensorboard_keeps_every_point_across_a_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(tiny(tmp_path, "train.steps=6", "train.stop_after=5", "eval.enabled=false"))   # checkpoint at 4
+    ck = tmp_path / "run" / "checkpoints"
+    (ck / "step_00000005.pt").unlink(missing_ok=True)   # as if killed after logging step 5
+    train(tiny(tmp_path, "train.steps=6", "eval.enabled=false", "train.resume=auto"))
+    ea = EventAccumulator(str(tmp_path / "run" / "tb"))
+    ea.Reload()
+    steps = [e.step for e in ea.Scalars("loss")]
+    assert steps == [1, 2, 3, 4, 5, 6], steps
+
+
+def test_method_logs_learning_rate_and_per_source_loss_for_non_simclr(tmp_path):
+    sources = [{"name": "real", "type": "synthetic", "n": 32, "size": 16},
+               {"name": "gen", "type": "synthetic", "n": 32, "size": 16, "variant": "generated"}]
+    cfg = tiny(tmp_path, "train.steps=2", "eval.enabled=false",
+               "method={name: byol, proj_hidden_dim: 32, proj_output_dim: 16, pred_hidden_dim: 8}",
+               sources=sources)
+    train(cfg)
+    rec = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert {"loss/real", "loss/gen", "lr", "method/tau", "method/byol"} <= set(rec)
+
+
+def test_method_without_per_sample_loss_says_so_once(tmp_path, capsys):
+    sources = [{"name": "real", "type": "synthetic", "n": 32, "size": 16},
+               {"name": "gen", "type": "synthetic", "n": 32, "size": 16, "variant": "generated"}]
+    train(tiny(tmp_path, "train.steps=3", "eval.enabled=false",
+               "method={name: vicreg, proj_hidden_dim: 32, proj_output_dim: 16}", sources=sources))
+    err = capsys.readouterr().err
+    assert err.count("per-source loss unavailable for method 'vicreg'") == 1
+    rec = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert "loss/real" not in rec and {"method/invariance", "method/variance", "method/covariance"} <= set(rec)
+
+
+def test_labels_outside_num_classes_are_refused_at_setup(tmp_path):
+    with pytest.raises(ConfigError, match="label 9, outside \\[-1, 5\\).*train.num_classes"):
+        train(tiny(tmp_path, "train.num_classes=5"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_wandb_offline_run_follows_a_resume(tmp_path):
+    pytest.importorskip("wandb")
+    train(tiny(tmp_path, "train.steps=4", "train.stop_after=2", "eval.enabled=false", "log.wandb=offline"))
+    run_id = (tmp_path / "run" / "wandb" / "run_id").read_text().strip()
+    train(tiny(tmp_path, "train.steps=4", "eval.enabled=false", "log.wandb=offline", "train.resume=auto"))
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert runs and all(p.name.endswith(run_id) for p in runs)
+    assert (tmp_path / "run" / "wandb" / "run_id").read_text().strip() == run_id
+    assert any(p.suffix == ".wandb" for r in runs for p in r.iterdir())

@@ -1,0 +1,240 @@
+"""The training loop: steps, recipe hooks, logging and checkpoints -- nothing else.
+
+:class:`Loop` runs optimizer steps ``start .. total - 1`` over batches that are already on the
+device and augmented (the recipes' ``strength`` hook is applied by the augmentation; see
+:func:`device_batches`). Per micro-step: recipes rewrite the views, :class:`~fastssl.step.
+TrainStep` runs forward/backward/update, the device meters accumulate, recipes that need them
+get the per-sample losses gathered over ranks. Per optimizer step: the lr schedule, the plan's
+epoch boundaries (``end_epoch`` hooks), the log (only there are values read on the host) and
+the checkpoint. A non-finite loss is caught at the next log or checkpoint step
+(:class:`NonFiniteLoss`, naming the step and the last good checkpoint); it never reached the
+weights (see :mod:`fastssl.step`).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+
+from .checkpoint import save_checkpoint
+from .optim import warmup_cosine
+from .state import collect_state
+
+__all__ = ["Loop", "NonFiniteLoss", "device_batches", "with_state"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+def with_state(loader):
+    """Yield the loader's batches, each carrying the loader's state *after* it in
+    ``batch.meta["loader_state"]`` (prefetching runs ahead of training: the checkpoint stores
+    the cursor of the last batch trained on) and its host-side ids in ``meta["host_index"]``."""
+    for batch in loader:
+        batch.meta["loader_state"] = loader.state_dict()
+        batch.meta["host_index"] = batch.index
+        yield batch
+
+
+class _AugCall:
+    """The augment with ``crop`` fixed (crop-in-decode loaders hand over cropped views) and
+    per-rank random streams: Augment seeds from (seed, step, view), so rank r of W augments
+    micro-step s as step ``s * W + r``."""
+
+    def __init__(self, aug, crop: bool, rank: int = 0, world: int = 1):
+        self.aug, self.crop, self.rank, self.world = aug, crop, rank, world
+
+    def __call__(self, batch, *, step, strength=None, **kw):
+        return self.aug(batch, step=step * self.world + self.rank, strength=strength, crop=self.crop)
+
+
+def device_batches(loader, device, aug, *, crop: bool, rank: int, world: int, recipes, start_step: int):
+    """Endless-until-exhausted ``(views, batch)`` on ``device``: the next uint8 batch is copied
+    while the model works (``loaders.prefetch.DevicePrefetcher``), then augmented there with the
+    first per-sample strength a recipe gives."""
+    from loaders.prefetch import DevicePrefetcher
+
+    def strength(batch):
+        for r in recipes:
+            s = r.strength(batch.index)
+            if s is not None:
+                return s
+        return None
+
+    pf = DevicePrefetcher(with_state(loader), device, augment=_AugCall(aug, crop, rank, world),
+                          strength_fn=strength if recipes else None, start_step=start_step)
+    for batch in pf:
+        yield batch.views, batch
+
+
+@dataclass
+class Loop:
+    """One run's loop state; :meth:`run` trains and returns the last step done."""
+
+    cfg: Any
+    parts: Any
+    accelerator: Any
+    step_fn: Any
+    meters: Any
+    logger: Any
+    batches: Iterator
+    run_dir: Path
+    source_names: List[str]
+    start: int
+    loader_state: Dict[str, Any]
+    last_ckpt: Optional[Path] = None
+    idx_log: Any = None
+    bar: Any = None
+    images_total: int = 0
+    last_metrics: Dict[str, float] = field(default_factory=dict)
+
+    def run(self) -> int:
+        p = self.parts
+        self._t_window = time.perf_counter()
+        self._window_images = 0
+        self._checked_losses = False
+        self.step_fn.module.train()
+        done = self.start
+        for step in range(self.start, p.total):
+            lr = warmup_cosine(step, total=p.total, warmup=p.recipe["warmup_steps"], base=p.lr,
+                               start=p.recipe["warmup_start"], final=p.recipe["final_lr"])
+            for g, s in zip(p.optimizer.param_groups, p.lr_scale):
+                g["lr"] = lr * s
+            for micro in range(self.cfg.train.grad_accum):
+                self._micro(step, micro)
+            done = step + 1
+            self._end_of_step(done, lr)
+            if self.cfg.train.stop_after is not None and done >= self.cfg.train.stop_after:
+                break
+        return done
+
+    # ------------------------------------------------------------------ micro-step
+    def _next(self, step: int):
+        try:
+            return next(self.batches)
+        except StopIteration:
+            raise self._error_ran_out(step) from None
+
+    def _error_ran_out(self, step: int):
+        from loaders.errors import ConfigError
+        return ConfigError(f"the data ran out at step {step} of {self.parts.total}: data.budget is smaller "
+                           f"than train.steps x {self.parts.images_per_step}")
+
+    def _micro(self, step: int, micro: int) -> None:
+        views, batch = self._next(step)
+        for r in self.parts.recipes:
+            views = r.rewrite_views(views, batch)
+        out, pout, _ = self.step_fn(views, batch.label, progress=(step + 1) / self.parts.total)
+        psl = out.per_sample_loss
+        if not self._checked_losses:
+            self._check_losses(psl)
+        self.meters.add(out.loss, probe=pout, per_sample_loss=psl, source=batch.source, logs=out.logs)
+        self._recipes_after(step, batch, psl)
+        n = len(batch) * self.accelerator.num_processes
+        self.images_total += n
+        self._window_images += n
+        self.loader_state = batch.meta.get("loader_state", self.loader_state)
+        if self.idx_log is not None:  # a debugging record: reads the loss on the host
+            self.idx_log.write(json.dumps({"step": step + 1, "micro": micro,
+                                           "index": batch.meta.get("host_index", batch.index).tolist(),
+                                           "loss": float(out.loss.detach())}) + "\n")
+
+    def _check_losses(self, psl) -> None:
+        """Once: say that per-source losses are unavailable, or refuse a recipe that needs them."""
+        from loaders.errors import ConfigError
+        self._checked_losses = True
+        if psl is not None:
+            return
+        name = self.parts.method.name
+        need = [r.name for r in self.parts.recipes if r.requires_per_sample_loss]
+        if need:
+            raise ConfigError(f"recipe '{need[0]}' needs per-sample losses; method '{name}' returns none")
+        if len(self.source_names) > 1 and self.accelerator.is_main_process:
+            why = getattr(self.parts.method, "per_sample_loss_note", None) or "it returns no per-sample loss"
+            print(f"fastssl: per-source loss unavailable for method '{name}' ({why}); "
+                  f"logging the total loss only", file=sys.stderr)
+
+    def _recipes_after(self, step: int, batch, psl) -> None:
+        needy = [r for r in self.parts.recipes if r.needs_losses]
+        if not needy:
+            for r in self.parts.recipes:
+                r.after_step(step + 1, batch.index, None)
+            return
+        acc = self.accelerator
+        index = acc.gather(batch.index)
+        losses = acc.gather(psl.detach().float()) if psl is not None else None
+        for r in self.parts.recipes:
+            r.after_step(step + 1, index, losses if r.needs_losses else None)
+
+    # ------------------------------------------------------------------ optimizer step
+    def _end_of_step(self, done: int, lr: float) -> None:
+        p, t, log = self.parts, self.cfg.train, self.cfg.log
+        bad = self.step_fn.last_update_bad
+        if bad is not None:
+            self.meters.flag_nonfinite(bad, done, self._last_loss_hint())
+        epoch_len = int(getattr(p.loader.mixture, "epoch_length", 0) or 0)
+        if epoch_len > 0:
+            before, after = ((done - 1) * p.images_per_step) // epoch_len, (done * p.images_per_step) // epoch_len
+            for epoch in range(before + 1, after + 1):
+                for r in p.recipes:
+                    r.end_epoch(epoch)
+        if self.bar is not None:
+            self.bar.update(1)
+        if done % log.every == 0 or done == p.total:
+            self._log(done, lr, epoch_len)
+        if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == p.total:
+            self._checkpoint(done)
+
+    def _last_loss_hint(self) -> torch.Tensor:
+        return self.meters.loss  # the window's loss sum: non-finite once any loss was
+
+    def _log(self, done: int, lr: float, epoch_len: int) -> None:
+        p = self.parts
+        dt = max(time.perf_counter() - self._t_window, 1e-9)
+        m = self.meters.read(self.source_names)
+        self._stop_if_nonfinite(self.meters.nonfinite, done)
+        m.update({"lr": lr, "images_per_sec": self._window_images / dt, "images_seen": done * p.images_per_step})
+        if epoch_len > 0:
+            m["epoch"] = done * p.images_per_step / epoch_len
+        skipped = getattr(p.loader, "skipped", 0)
+        if skipped:
+            m["skipped"] = skipped
+        for r in p.recipes:
+            m.update({k: float(v) for k, v in r.metrics().items()})
+            for k, v in r.histograms().items():
+                self.logger.histogram(k, v, done)
+        self.logger.log(done, m)
+        self.last_metrics = m
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m['loss']:.3f}", img_s=f"{m['images_per_sec']:.0f}", refresh=False)
+        self._t_window, self._window_images = time.perf_counter(), 0
+
+    def _stop_if_nonfinite(self, bad, done: int) -> None:
+        if bad is None:
+            return
+        step, loss = bad
+        raise NonFiniteLoss(
+            f"non-finite loss ({loss}) at step {step}; stopped at step {done}, its update skipped. "
+            f"Last good checkpoint: {self.last_ckpt or 'none written yet'}. "
+            f"Lower optim.lr or raise optim.warmup_steps, then resume from it.")
+
+    def _checkpoint(self, done: int) -> None:
+        """Every rank joins (so that no rank races ahead); rank 0 writes. A run whose loss went
+        non-finite since the last check is stopped instead of saved."""
+        from .config import to_dict
+        self._stop_if_nonfinite(self.meters.check_finite(), done)
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            p = self.parts
+            state = collect_state(inner=self.step_fn.inner, optimizer=p.optimizer, probe_opt=p.probe_opt,
+                                  scaler=acc.scaler, loader_state=self.loader_state, recipes=p.recipes,
+                                  meters=self.meters, config=to_dict(self.cfg), world=acc.num_processes)
+            self.last_ckpt = save_checkpoint(self.run_dir, done, state, keep=self.cfg.train.keep_checkpoints)
+        acc.wait_for_everyone()
