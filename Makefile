@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 SYSPKGS := pkg-config libturbojpeg0-dev libopencv-dev
 PYTEST_ARGS ?=
+# lint: pyflakes, pycodestyle errors/warnings and import order (no config file: the top level is fixed)
+RUFF_ARGS := --select E,F,W,I --line-length 120
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo lint test bench clean-venv
 
 $(STAMP): setup.py Makefile
 	@set -e; \
@@ -20,7 +22,7 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip wheel setuptools; \
 	echo "[setup] torch 2.14.1 + torchvision 0.29.1"; \
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1; \
-	echo "[setup] fastssl with all extras (dali, ffcv, webdataset, dev, bench)"; \
+	echo "[setup] fastssl with all extras (dali, ffcv, webdataset, vit, bench, fast, wandb, dev)"; \
 	$(PY) -m pip install -q -e '.[all]'; \
 	touch $(STAMP)
 
@@ -30,8 +32,11 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/fastssl pretrain configs/demo.yaml
 
-# Full test suite (GPU-only tests skip without CUDA).
-test: setup
+# Lint, then the full test suite (GPU-only tests skip without CUDA).
+lint: setup
+	$(VENV)/bin/ruff check $(RUFF_ARGS) fastssl loaders benchmarks tests
+
+test: lint
 	FASTSSL_REQUIRE_EXTRAS=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: setup

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import random
-import time
 from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np

@@ -35,6 +35,10 @@ __all__ = ["add_arguments", "add_subcommand", "from_args", "main", "run"]
 PRESET = "symmetric"
 
 
+
+def _median(v):
+    return sorted(v)[len(v) // 2]
+
 def _input_size(size: int) -> int:
     return size if size <= 64 else int(round(size * 256 / 224))
 
@@ -64,6 +68,7 @@ def _engine(images: torch.Tensor, size: int, device: torch.device) -> Callable[[
 
 def _tv_pipeline(size: int):
     from torchvision.transforms import v2
+
     from loaders.augment import Augment
     spec = Augment.from_preset(PRESET, size=size)
     s, m = spec.specs[0], spec
@@ -162,8 +167,7 @@ def run(*, sizes: List[int], batch: int, repeats: int, device: str, variants: Li
         for other in ("torchvision", "kornia"):
             o = results.get(f"{other}@{size}px")
             if e and o:
-                med = lambda v: sorted(v)[len(v) // 2]
-                ratios[f"engine/{other}@{size}px"] = round(med(e["values"]) / med(o["values"]), 3)
+                ratios[f"engine/{other}@{size}px"] = round(_median(e["values"]) / _median(o["values"]), 3)
     config = {"preset": PRESET, "sizes": sizes, "batch": batch, "repeats": repeats, "device": str(dev),
               "views": 2, "torch_threads": torch.get_num_threads(), "variants": variants, "ratios": ratios}
     notes = ("images/s counts source images (2 views each). torchvision runs per sample on the CPU "

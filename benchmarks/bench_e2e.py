@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
@@ -132,6 +131,7 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
         command: Optional[str] = None, progress: bool = True, seed: int = 0):
     """Measure model-only, real and loader-only rates; write a record (+ PNG) and return its path."""
     import torch
+
     from .bench_loader import DEFAULT_PRESETS
     from .report import plot_record
 

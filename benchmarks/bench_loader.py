@@ -83,7 +83,8 @@ def measure_rounds(variants: Sequence[Variant], *, repeats: int, seconds: float,
             bar.update(1)
     bar.close()
     for k, why in failed.items():
-        out[k] = {"kind": out[k]["kind"], "error": why[:500], **({"values": out[k]["values"]} if out[k]["values"] else {})}
+        kept = {"values": out[k]["values"]} if out[k]["values"] else {}
+        out[k] = {"kind": out[k]["kind"], "error": why[:500], **kept}
     return out
 
 
@@ -121,7 +122,8 @@ def flip_batch(views, rng: np.random.Generator):
 def backend_options(backend: str, mode: str, preset) -> Dict:
     """Backend keyword arguments for a mode: DALI runs the full recipe in its graph
     (``augment=preset``: a preset name or the benchmark's Augment at its size) or flips while
-    cropping (``flip=True``); in feed mode the FFCV and torch backends flip while cropping too, and the torch backend decodes with OpenCV (``decoder="cv2"``:
+    cropping (``flip=True``); in feed mode the FFCV and torch backends flip while cropping too,
+    and the torch backend decodes with OpenCV (``decoder="cv2"``:
     same crop boxes and flips as PIL, resampling within the tolerance tests/test_torch_backend.py
     states). Flipping after the loader costs a full extra pass over every batch in the main process."""
     if backend == "dali":
@@ -200,6 +202,7 @@ def _decode_pil(data):
     if isinstance(data, np.ndarray):
         return data
     import io
+
     from PIL import Image
     im = Image.open(io.BytesIO(data))
     im.load()
@@ -225,6 +228,7 @@ def stage_breakdown(data: BenchData, *, fmt: str, images: int, crops, augment, b
     stage, and each stage's share of it.
     """
     import torch
+
     from loaders.mixture import Mixture, Plan
     from loaders.torch_backend import BatchMaker
 
@@ -460,7 +464,8 @@ def _run(*, sets, n, modes, backends, formats, baselines, views, batch_size, cor
         results.update(targets(results, size_tag=tag))
     config = {"sets": datasets, "modes": list(modes), "views": views, "batch_size": batch_size,
               "num_workers": cores, "main_torch_threads": threads,
-              "ceiling_decoder": B.fastest_decoder(), "repeats": repeats, "window_s": window_s, "warmup_batches": warmup,
+              "ceiling_decoder": B.fastest_decoder(), "repeats": repeats, "window_s": window_s,
+              "warmup_batches": warmup,
               "preset": presets, "backends": status, "skipped": skipped, "seed": seed,
               "unit": "samples/s; each sample delivers `views` views"}
     path = write_record("loader", config=config, results=results, command=command, directory=out_dir or _results())

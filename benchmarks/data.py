@@ -110,6 +110,7 @@ class BenchData:
         """The :class:`loaders.base.Source` reading this set in format ``fmt``."""
         cfg = self.source_config(fmt)
         import importlib
+
         from loaders.base import build_source
         from loaders.pipeline import SOURCE_MODULES  # registers the built-in source types on import
         importlib.import_module(SOURCE_MODULES[cfg["type"]])

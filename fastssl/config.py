@@ -599,7 +599,8 @@ def _validate(cfg: RunConfig) -> None:
     if t.keep_checkpoints < 0:
         raise ConfigError(f"config key 'train.keep_checkpoints': must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     if cfg.eval.linear_optimizer not in ("adam", "sgd"):
-        raise ConfigError(f"config key 'eval.linear_optimizer': expected adam or sgd, got {cfg.eval.linear_optimizer!r}")
+        raise ConfigError(f"config key 'eval.linear_optimizer': expected adam or sgd, "
+                          f"got {cfg.eval.linear_optimizer!r}")
     if cfg.log.every < 1:
         raise ConfigError(f"config key 'log.every': must be >= 1, got {cfg.log.every}")
     if cfg.log.wandb not in (None, "offline", "online"):

@@ -44,8 +44,8 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Union[str, Path], *, enabled: bool = True, tensorboard: bool = True,
-                 csv_file: bool = True, plot: bool = True, resume_step: Optional[int] = None, wandb: Optional[str] = None,
-                 config: Optional[Mapping] = None):
+                 csv_file: bool = True, plot: bool = True, resume_step: Optional[int] = None,
+                 wandb: Optional[str] = None, config: Optional[Mapping] = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.csv_file = csv_file

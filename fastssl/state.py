@@ -102,7 +102,6 @@ def world_change_note(ckpt: Mapping[str, Any], world: int, batch_size: int) -> s
     return (f"resuming a {old_world}-process run on {world} processes: the plan continues at the same "
             f"global sample; the global batch changes from {old_world * batch_size} to {world * batch_size} "
             f"images per step (and the scaled lr with it)")
-    return out
 
 
 def check_resume(path: Path, ckpt: Mapping[str, Any], config: Mapping[str, Any], world: int) -> None:

@@ -12,8 +12,8 @@ import os as _os
 if _os.environ.get("FASTSSL_THP", "1") != "0":
     _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from .base import SOURCES, ArraySource, Source, build_source, decode_image, register_source
 from .batch import Batch
-from .base import ArraySource, Source, build_source, decode_image, register_source, SOURCES
 from .errors import ConfigError, DataError, SampleError, check_keys
 
 __all__ = [

@@ -7,7 +7,6 @@ by mistake; here decoding goes through :func:`loaders.base.decode_image` (PIL, R
 from __future__ import annotations
 
 import io
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

@@ -40,10 +40,10 @@ import torch
 
 from .base import Source
 from .batch import Batch
-from .beton import MODE_JPG, BetonSource, require_ffcv
+from .beton import BetonSource, require_ffcv
 from .crop import CropSpec
-from .plan_loader import PlanLoader
 from .errors import ConfigError, DataError, SampleError
+from .plan_loader import PlanLoader
 
 __all__ = ["FFCVLoader", "ffcv_native_loader", "decode_views_kernel"]
 
@@ -98,8 +98,8 @@ def decode_views_kernel(parallel: bool = True):
                 start = offsets[v] + rows[i] * oh * ow * 3
                 dst = out[start:start + oh * ow * 3].reshape(oh, ow, 3)
                 t = boxes[i, v, 0]
-                l = boxes[i, v, 1]
-                resize_crop_c(img, t, t + boxes[i, v, 2], l, l + boxes[i, v, 3], dst)
+                left = boxes[i, v, 1]
+                resize_crop_c(img, t, t + boxes[i, v, 2], left, left + boxes[i, v, 3], dst)
                 if flips[i, v]:
                     for r in range(oh):
                         for c in range(ow // 2):

@@ -79,7 +79,8 @@ def _save_index(path: Path, index: Dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda f: np.savez(f, **index))
 
 
-def _make_index(keys: Sequence[str], exts: Sequence[str], offsets, sizes, labels, tar_size: int) -> Dict[str, np.ndarray]:
+def _make_index(keys: Sequence[str], exts: Sequence[str], offsets, sizes, labels,
+                tar_size: int) -> Dict[str, np.ndarray]:
     return {
         "version": np.int64(_INDEX_VERSION),
         "tar_size": np.int64(tar_size),
@@ -122,7 +123,8 @@ def build_index(tar_path: PathLike) -> Dict[str, np.ndarray]:
                     try:
                         labels[key] = int(text)
                     except ValueError as e:
-                        raise DataError(f"shard '{tar_path}': '{m.name}' holds '{text[:20]}', not an integer label") from e
+                        raise DataError(f"shard '{tar_path}': '{m.name}' holds '{text[:20]}', "
+                                        f"not an integer label") from e
             end = tf.offset
     except tarfile.TarError as e:
         raise DataError(f"shard '{tar_path}' is not a readable tar file: {e}") from e

@@ -259,7 +259,8 @@ def memmap_npz_member(path: str, key: str) -> np.ndarray:
     shape, dtype, fortran, offset = meta
     need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if os.path.getsize(path) < need:
-        raise DataError(f".npz file '{path}' is truncated: '{key}' needs {need} bytes, file has {os.path.getsize(path)}")
+        raise DataError(f".npz file '{path}' is truncated: '{key}' needs {need} bytes, "
+                        f"file has {os.path.getsize(path)}")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
@@ -400,7 +401,8 @@ class CIFARSource(InMemorySource):
         missing = [f for f in self.files if not os.path.isfile(f)]
         if missing:
             raise DataError(f"CIFAR directory '{self.dir}' is missing {', '.join(missing)}")
-        self.name = name or f"{'cifar10' if kind.startswith('cifar-10-') else 'cifar100'}-{'train' if self.train else 'test'}"
+        family = "cifar10" if kind.startswith("cifar-10-") else "cifar100"
+        self.name = name or f"{family}-{'train' if self.train else 'test'}"
         self._images: Optional[np.ndarray] = None
         self._load()
         self._labels = self._lbl

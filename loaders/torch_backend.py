@@ -16,12 +16,13 @@ here (``flip=True``, drawn per sample and view from ``(seed, rank, position, 1)`
 ``decoder="cv2"`` is the fast path (opt-in): OpenCV's libjpeg-turbo ``imdecode`` and
 ``cv2.resize``/``cv2.flip`` written straight into the batch (crops are numpy views; views come
 out channels-last, as the FFCV backend's): 32 px, 2 views, CPU per sample here 45 us from JPEG
-shards vs 182 us with PIL (21 vs 104 us from arrays). Same crop boxes, same flips; the resampling differs slightly from torchvision's PIL
-filters: upscaling uses OpenCV's bilinear/bicubic (bicubic a=-0.75 vs PIL's -0.5, 11-bit fixed
-point); reductions by less than :data:`AREA_MIN_FACTOR` use the same filter (OpenCV's area
-filter costs ~5x the cubic one on such non-integer factors: 480 vs 90 us for a 256 -> 224 px
-crop here, and PIL's antialiasing changes little there), larger ones OpenCV's area filter
-instead of PIL's antialiased bilinear/bicubic (tests bound the per-pixel mean difference).
+shards vs 182 us with PIL (21 vs 104 us from arrays). Same crop boxes, same flips; the
+resampling differs slightly from torchvision's PIL filters: upscaling uses OpenCV's
+bilinear/bicubic (bicubic a=-0.75 vs PIL's -0.5, 11-bit fixed point); reductions by less than
+:data:`AREA_MIN_FACTOR` use the same filter (OpenCV's area filter costs ~5x the cubic one on
+such non-integer factors: 480 vs 90 us for a 256 -> 224 px crop here, and PIL's antialiasing
+changes little there), larger ones OpenCV's area filter instead of PIL's antialiased
+bilinear/bicubic (tests bound the per-pixel mean difference).
 JPEG bytes are decoded by simplejpeg when installed (pixel-identical to OpenCV and PIL, faster).
 The default ``decoder="pil"`` is torchvision-exact.
 """

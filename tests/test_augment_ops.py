@@ -133,7 +133,8 @@ def test_gaussian_blur_matches_torchvision(k):
     out = AF.gaussian_blur(img, sigma, k)
     ref = per_sample(lambda im, s: TF.gaussian_blur(im, [k, k], [float(s), float(s)]), img, sigma)
     assert (out - ref).abs().max() < 1e-5
-    ref8 = per_sample(lambda im, s: TF.gaussian_blur(im, [k, k], [float(s), float(s)]), smooth_images(h=32, w=40), sigma)
+    ref8 = per_sample(lambda im, s: TF.gaussian_blur(im, [k, k], [float(s), float(s)]),
+                      smooth_images(h=32, w=40), sigma)
     assert (as_u8(out) - ref8.float()).abs().max() <= 1
 
 

@@ -31,8 +31,11 @@ def test_crop_boxes_match_torchvision_and_rrc_params(h, w, scale):
     tv = _tv_boxes(N, h, w, scale, ratio, seed=1)
     ref = rrc_params(np.random.default_rng(2), np.full(N, h), np.full(N, w), scale=scale, ratio=ratio)
     for other in (tv, ref):
-        area = lambda b: b[:, 2] * b[:, 3] / (h * w)
-        logr = lambda b: np.log(b[:, 3] / b[:, 2])
+        def area(b):
+            return b[:, 2] * b[:, 3] / (h * w)
+
+        def logr(b):
+            return np.log(b[:, 3] / b[:, 2])
         assert stats.ks_2samp(area(ours), area(other)).pvalue > ALPHA
         assert stats.ks_2samp(logr(ours), logr(other)).pvalue > ALPHA
         assert stats.ks_2samp(ours[:, 0] / h, other[:, 0] / h).pvalue > ALPHA

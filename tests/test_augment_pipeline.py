@@ -5,7 +5,6 @@ from torchvision.transforms.v2 import functional as TF
 
 from loaders import Batch, ConfigError
 from loaders.augment import Augment, ViewSpec, list_presets, load_grid, load_preset_config
-from loaders.augment import functional as AF
 from loaders.augment import params as P
 from loaders.augment.randaugment import RandAugmentSpec
 
@@ -203,7 +202,8 @@ def test_ablation_grids_and_overrides():
     assert jgrid["values"] == [0.1, 0.5, 1.0, 2.0]
     for s in jgrid["values"]:
         sp = Augment.from_preset("symmetric", jitter_strength=s).specs[1]
-        assert (sp.brightness, sp.contrast, sp.saturation, sp.hue) == pytest.approx((0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))
+        got = (sp.brightness, sp.contrast, sp.saturation, sp.hue)
+        assert got == pytest.approx((0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))
     # per-view overrides are replaced too (asymmetric's view 2 has its own solarize)
     asym = Augment.from_preset("asymmetric", solarize=0.5)
     assert [s.solarize for s in asym.specs] == [0.5, 0.5]

@@ -1,5 +1,4 @@
 """torch vs DALI vs FFCV on the same mixture: same order, same crop boxes, same view statistics."""
-import numpy as np
 import pytest
 import torch
 

@@ -3,8 +3,7 @@ import textwrap
 
 import pytest
 
-from fastssl.config import (RunConfig, apply_overrides, compose, from_dict, load_config, parse_override,
-                            to_dict)
+from fastssl.config import RunConfig, apply_overrides, compose, from_dict, load_config, parse_override, to_dict
 from loaders.errors import ConfigError
 
 

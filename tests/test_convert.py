@@ -1,15 +1,23 @@
 """Converters (to shards, to .npz, to a folder) and the `fastssl data` commands."""
 import argparse
 import io
-import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from loaders.base import ArraySource
-from loaders.cli_data import (DATA_COMMANDS, add_subcommands, main, parse_source_spec, register_data_command,
-                              run_info, run_npz, run_shards, run_synthetic)
+from loaders.cli_data import (
+    DATA_COMMANDS,
+    add_subcommands,
+    main,
+    parse_source_spec,
+    register_data_command,
+    run_info,
+    run_npz,
+    run_shards,
+    run_synthetic,
+)
 from loaders.convert import encode_image, folder_to_npz, resize_image, sniff_format, source_to_npz, to_folder, to_shards
 from loaders.errors import ConfigError, DataError, SampleError
 from loaders.shards import ShardSource

@@ -24,7 +24,8 @@ from loaders import cpu_augment as CA  # noqa: E402
 def smooth(n, size, seed=0):
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(n, 3, 4, 4, generator=g)
-    return (torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic").clamp(0, 1) * 255).round().to(torch.uint8)
+    up = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic").clamp(0, 1)
+    return (up * 255).round().to(torch.uint8)
 
 
 def noise(n, size, seed=1):

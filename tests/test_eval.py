@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastssl.eval import (class_groups, few_shot_indices, group_accuracy, knn_accuracy, knn_predict,
-                          linear_probe)
+from fastssl.eval import class_groups, few_shot_indices, group_accuracy, knn_accuracy, knn_predict, linear_probe
 from fastssl.probe import OnlineProbe
 
 

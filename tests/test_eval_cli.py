@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from datafiles import FORMATS, labelled_images, write_npz, write_shards, write_split
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,13 +8,13 @@ path selects samples with ``nonzero`` by design (free on the CPU; its CUDA path 
 """
 import pytest
 import torch
+from synccount import count_host_syncs, suspend
 
 import fastssl.loop as loop_mod
 from fastssl.config import load_config
 from fastssl.metrics_log import read_metrics
 from fastssl.recipes import RECIPES, Recipe, register_recipe
 from fastssl.trainer import train
-from synccount import count_host_syncs, suspend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,8 +153,8 @@ def test_rewritten_views_reach_the_method(tmp_path, spy, monkeypatch):
 
 
 def test_unknown_recipe_and_key_name_the_closest():
-    from loaders.errors import ConfigError
     from fastssl.recipes import build_recipes
+    from loaders.errors import ConfigError
     with pytest.raises(ConfigError, match="bcl"):
         build_recipes([{"name": "bcll"}])
     with pytest.raises(ConfigError, match="beta"):

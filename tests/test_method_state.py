@@ -3,10 +3,10 @@ per-sample losses and log keys, for every registered method (loop over METHODS).
 import pytest
 import torch
 from synccount import count_host_syncs
+from test_methods import make_optimizer, make_views
 
 from fastssl.methods import METHODS, build_method, method_hparams
 from fastssl.models import build_backbone
-from fastssl.optim import build_optimizer
 from fastssl.probe import OnlineProbe, ProbeOutput
 
 ALL = sorted(METHODS)
@@ -32,6 +32,10 @@ LOG_KEYS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def views_for(method, seed=1):
+    return make_views(method, B, seed)
+
+
 def build(name: str, seed: int = 0, **extra):
     """``name`` on a width-4 CIFAR ResNet-18 with 8-dim heads and a 24-key queue."""
     hp = {}
@@ -43,20 +47,6 @@ def build(name: str, seed: int = 0, **extra):
     torch.manual_seed(seed)
     backbone, feat = build_backbone("resnet18", cifar_stem=True, width=4)
     return build_method(name, backbone=backbone, feat_dim=feat, **{**hp, **FREEZE.get(name, {}), **extra})
-
-
-def views_for(method, b=B, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    views = [torch.randn(b, 3, 16, 16, generator=gen) for _ in range(2)]
-    if type(method).num_views is None:  # multi-crop: 2 global + 2 local crops
-        views += [torch.randn(b, 3, 8, 8, generator=gen) for _ in range(2)]
-    return views
-
-
-def optimizer_for(method):
-    r = method.recipe
-    return build_optimizer(r["optimizer"], method.param_groups(), lr=r["lr"], weight_decay=r["weight_decay"],
-                           momentum=r["momentum"], eta=r["eta"], clip=r["clip"])
 
 
 def train_step(method, opt, views, progress):
@@ -95,7 +85,7 @@ def next_step(method, views):
 def test_state_dict_restores_everything_that_training_changes(name, end):
     a = build(name)
     a.train()
-    opt = optimizer_for(a)
+    opt = make_optimizer(a)
     steps = 3
     for step in range(steps):
         train_step(a, opt, views_for(a, seed=10 + step), end * (step + 1) / steps)

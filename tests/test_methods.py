@@ -42,8 +42,8 @@ def tiny_method(name: str, **extra):
     return build_method(name, backbone=backbone, feat_dim=feat, **{**small_hparams(name), **extra})
 
 
-def make_views(method, b=B):
-    gen = torch.Generator().manual_seed(1)
+def make_views(method, b=B, seed=1):
+    gen = torch.Generator().manual_seed(seed)
     views = [torch.randn(b, 3, 16, 16, generator=gen) for _ in range(2)]
     if type(method).num_views is None:  # multi-crop: 2 global + 2 local crops
         views += [torch.randn(b, 3, 8, 8, generator=gen) for _ in range(2)]

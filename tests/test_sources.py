@@ -3,7 +3,6 @@ gives a clear error naming the file."""
 import io
 import os
 import pickle
-import zipfile
 
 import numpy as np
 import pytest

@@ -73,8 +73,8 @@ def test_crops_match_torchvision_resized_crop():
         for spec, view in zip(CROPS, batch.views):
             assert view.dtype == torch.uint8 and view.shape == (10, 3, spec.size, spec.size)
             boxes = rrc_params(rng, H, W, scale=spec.scale, ratio=spec.ratio)
-            for i, (t, l, h, w) in enumerate(boxes.tolist()):
-                ref = TF.pil_to_tensor(TF.resized_crop(pils[i], t, l, h, w, [spec.size, spec.size],
+            for i, (t, left, h, w) in enumerate(boxes.tolist()):
+                ref = TF.pil_to_tensor(TF.resized_crop(pils[i], t, left, h, w, [spec.size, spec.size],
                                                        interpolation=_INTERP[spec.interpolation]))
                 assert torch.equal(view[i], ref), (b, i)
 

@@ -5,13 +5,12 @@ import json
 import pytest
 import torch
 
-from loaders.errors import ConfigError
-
 from fastssl.checkpoint import load_checkpoint
 from fastssl.config import load_config
 from fastssl.metrics_log import read_metrics
 from fastssl.recipes.bcl import BCLTable
 from fastssl.trainer import NonFiniteLoss, train
+from loaders.errors import ConfigError
 
 
 def tiny(tmp_path, *overrides, sources=None):
@@ -97,6 +96,7 @@ def test_cli_non_finite_exit_code(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("defaults: []\n")
     import yaml
+
     from fastssl.config import to_dict
     d = to_dict(tiny(tmp_path, "optim.name=sgd", "optim.lr=1e30", "optim.warmup_steps=0",
                      "train.checkpoint_every=1", "train.steps=6", "eval.enabled=false"))
@@ -161,6 +161,7 @@ def test_cli_force_flag(tmp_path, capsys):
 
 def _write(tmp_path, cfg):
     import yaml
+
     from fastssl.config import to_dict
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))

@@ -8,11 +8,11 @@ keyword arguments are the method's constructor arguments or recipe keys (``optim
 from __future__ import annotations
 
 import importlib
-import inspect
 
 import torch.nn as nn
 
 from fastssl.methods.base import RECIPE_DEFAULTS, Method, MethodOutput
+from fastssl.registry import constructor_keywords, registrar
 from loaders.errors import check_keys
 
 __all__ = ["METHODS", "register_method", "build_method", "method_hparams", "Method", "MethodOutput"]
@@ -20,23 +20,13 @@ __all__ = ["METHODS", "register_method", "build_method", "method_hparams", "Meth
 METHODS: dict[str, type[Method]] = {}
 
 
-def register_method(name: str):
-    """Class decorator: register a :class:`Method` subclass under ``name``."""
-
-    def wrap(cls: type[Method]) -> type[Method]:
-        if name in METHODS and METHODS[name] is not cls:
-            raise ValueError(f"method '{name}' registered twice ({METHODS[name].__qualname__}, {cls.__qualname__})")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return wrap
+#: ``@register_method("name")``: class decorator registering a :class:`Method` subclass
+register_method = registrar(METHODS, "method")
 
 
 def method_hparams(cls: type[Method]) -> list[str]:
     """Constructor keyword arguments of a method (without ``backbone``/``feat_dim``)."""
-    params = inspect.signature(cls.__init__).parameters
-    return [k for k, p in params.items() if p.kind == p.KEYWORD_ONLY and k not in ("backbone", "feat_dim")]
+    return constructor_keywords(cls, keyword_only=True, skip=("backbone", "feat_dim"))
 
 
 def build_method(name: str, *, backbone: nn.Module, feat_dim: int, **hparams) -> Method:

@@ -34,13 +34,14 @@ keyword arguments in ``__init__``; config keys other than ``name`` go to the con
 from __future__ import annotations
 
 import importlib
-import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 import torch
 
 from loaders.errors import ConfigError, check_keys
+
+from ..registry import constructor_keywords, registrar
 
 __all__ = ["Recipe", "SetupContext", "RECIPES", "register_recipe", "build_recipes"]
 
@@ -104,22 +105,8 @@ class Recipe:
         return {}
 
 
-def register_recipe(name: str):
-    """Class decorator: register a :class:`Recipe` subclass under ``name``."""
-
-    def wrap(cls):
-        if name in RECIPES and RECIPES[name] is not cls:
-            raise ValueError(f"recipe '{name}' registered twice")
-        cls.name = name
-        RECIPES[name] = cls
-        return cls
-
-    return wrap
-
-
-def _keywords(cls) -> List[str]:
-    params = inspect.signature(cls.__init__).parameters
-    return [k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and k != "self"]
+#: ``@register_recipe("name")``: class decorator registering a :class:`Recipe` subclass
+register_recipe = registrar(RECIPES, "recipe")
 
 
 def build_recipes(entries: Sequence[Dict[str, Any]]) -> List[Recipe]:
@@ -131,7 +118,7 @@ def build_recipes(entries: Sequence[Dict[str, Any]]) -> List[Recipe]:
         if name not in RECIPES:
             check_keys({str(name): None}, RECIPES, f"recipes[{i}]: the recipe registry")
         cls = RECIPES[name]
-        check_keys(entry, _keywords(cls), f"recipes[{i}] ('{name}')")
+        check_keys(entry, constructor_keywords(cls), f"recipes[{i}] ('{name}')")
         try:
             out.append(cls(**entry))
         except (TypeError, ValueError) as e:

@@ -5,9 +5,18 @@ normalised float32 views with independent random parameters per sample and per v
 from ``(seed, step, view)``. Ops live in :mod:`.functional` (explicit parameters), samplers in
 :mod:`.params`, RandAugment in :mod:`.randaugment`, the engine and presets in :mod:`.pipeline`.
 """
-from .pipeline import (Augment, JITTER_BASE, PRESET_DIR, ViewSpec, apply_overrides, list_presets,
-                       load_grid, load_preset_config)
-from .randaugment import OPS as RANDAUGMENT_OPS, RandAugmentSpec
+from .pipeline import (
+                       JITTER_BASE,
+                       PRESET_DIR,
+                       Augment,
+                       ViewSpec,
+                       apply_overrides,
+                       list_presets,
+                       load_grid,
+                       load_preset_config,
+)
+from .randaugment import OPS as RANDAUGMENT_OPS
+from .randaugment import RandAugmentSpec
 
 __all__ = ["Augment", "ViewSpec", "RandAugmentSpec", "RANDAUGMENT_OPS", "PRESET_DIR", "JITTER_BASE",
            "list_presets", "load_preset_config", "load_grid", "apply_overrides"]

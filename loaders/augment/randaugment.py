@@ -32,14 +32,13 @@ and uses magnitude ``m_i``. With a BCL strength ``w_i`` in ``[0, 1]``: ``p_i = w
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from . import functional as AF
 from ..errors import ConfigError, check_keys
+from . import functional as AF
 
 __all__ = ["OPS", "DEFAULT_RANGES", "RandAugmentSpec", "RandAugmentParams", "sample_randaugment",
            "apply_randaugment"]

@@ -9,7 +9,7 @@ from loaders import Batch
 from loaders.augment import Augment
 from loaders.augment import functional as AF
 from loaders.augment import params as P
-from loaders.augment.randaugment import OPS, RandAugmentSpec, apply_randaugment, sample_randaugment
+from loaders.augment.randaugment import RandAugmentSpec, apply_randaugment, sample_randaugment
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
