@@ -29,8 +29,9 @@ $(STAMP): setup.py Makefile
 setup: $(STAMP)
 
 # Main job: short SimCLR pretraining on the embedded synthetic data; prints images/sec and kNN accuracy.
+# --force: each `make demo` starts the demo run over (runs/demo)
 demo: setup
-	$(VENV)/bin/fastssl pretrain configs/demo.yaml
+	$(VENV)/bin/fastssl pretrain configs/demo.yaml --force
 
 # Lint, then the full test suite (GPU-only tests skip without CUDA).
 lint: setup

@@ -31,11 +31,14 @@ __all__ = ["run", "build_run", "verdict", "add_arguments", "from_args"]
 
 
 def build_run(source_cfg: Dict, *, method: str, backbone: str, width: int, cifar_stem: bool, preset: str,
-              size: int, views: int, batch_size: int, num_workers: int, device: str, seed: int = 0):
+              size: int, views: int, batch_size: int, num_workers: int, device: str, seed: int = 0,
+              backend: str = "torch", mixed_precision: str = "no", channels_last: Optional[bool] = None,
+              compile: bool = False):
     """``(parts, accelerator, step)``: the training run's own parts and step
     (:func:`fastssl.build.build_training`, :class:`fastssl.step.TrainStep`) for a config that
-    reads ``source_cfg``; ``step(views, labels)`` is one optimizer step as ``fastssl pretrain``
-    takes it (method + online probe, backward, update, EMA)."""
+    reads ``source_cfg`` with ``backend`` (torch: decode + crop in workers; resident: the images
+    held on the device, cropped there); ``step(views, labels)`` is one optimizer step as
+    ``fastssl pretrain`` takes it (method + online probe, backward, update, EMA)."""
     from fastssl.build import build_training
     from fastssl.config import load_config
     from fastssl.step import TrainModule, TrainStep
@@ -46,20 +49,21 @@ def build_run(source_cfg: Dict, *, method: str, backbone: str, width: int, cifar
     labels = np.asarray(build_source(src).labels())
     base = {
         "name": "bench-e2e",
-        "data": {"sources": [dict(source_cfg)], "seed": seed, "backend": "torch", "batch_size": batch_size,
-                 "num_workers": num_workers, "on_error": "raise", "image_size": size, "crop_in_decode": True,
-                 "pin_memory": device.startswith("cuda")},
+        "data": {"sources": [dict(source_cfg)], "seed": seed, "backend": backend, "batch_size": batch_size,
+                 "num_workers": num_workers, "on_error": "raise", "image_size": size,
+                 "crop_in_decode": backend != "resident", "pin_memory": device.startswith("cuda")},
         "augment": {"preset": preset, "size": size},
         "method": {"name": method},
         "model": {"backbone": backbone, "width": width, "cifar_stem": cifar_stem},
         "optim": {"warmup_steps": 0},
         "train": {"steps": 1, "seed": seed, "device": "cpu" if device == "cpu" else "auto",
-                  "num_classes": max(2, int(labels.max()) + 1 if labels.size else 2)},
+                  "num_classes": max(2, int(labels.max()) + 1 if labels.size else 2),
+                  "mixed_precision": mixed_precision, "channels_last": channels_last, "compile": compile},
         "eval": {"enabled": False},
     }
     cfg = load_config(None, [], base=base)
     accelerator = make_accelerator(cfg)
-    parts = build_training(cfg)
+    parts = build_training(cfg, device=accelerator.device)
     specs = list(parts.aug.crop_specs)
     if len(specs) != views or any(s.size != size for s in specs):
         from loaders.errors import ConfigError
@@ -69,7 +73,7 @@ def build_run(source_cfg: Dict, *, method: str, backbone: str, width: int, cifar
     objs += [parts.probe_opt] if parts.probe_opt is not None else []
     prepared = accelerator.prepare(*objs)
     step = TrainStep(accelerator, prepared[0], prepared[1], prepared[2] if len(prepared) > 2 else None,
-                     grad_clip=parts.recipe.get("grad_clip"))
+                     grad_clip=parts.recipe.get("grad_clip"), channels_last=parts.channels_last)
     step.module.train()
     return parts, accelerator, step
 
@@ -88,6 +92,44 @@ def model_only(step, *, batch_size: int, size: int, views: int, device, seed: in
     labels = torch.zeros(batch_size, dtype=torch.int64, device=device)
     while True:
         step(vs, labels, progress=0.5)
+        _sync(device)
+        yield None, batch_size
+
+
+def plain_pytorch(*, method: str, backbone: str, width: int, cifar_stem: bool, batch_size: int, size: int,
+                  views: int, device, mixed_precision: str = "no", channels_last: bool = False,
+                  compile: bool = False, seed: int = 0) -> Iterator[Tuple[None, int]]:
+    """A reference training loop written plainly here, not through fastssl's trainer: the same
+    model and loss (the registered method), the same optimizer (its published recipe), the
+    same memory format, autocast and compile settings, on fixed random views on the device."""
+    import torch
+
+    from fastssl.methods import build_method
+    from fastssl.models import build_backbone
+    from fastssl.optim import build_optimizer
+
+    torch.manual_seed(seed)
+    net, feat = build_backbone(backbone, cifar_stem=cifar_stem, width=width)
+    model = build_method(method, backbone=net, feat_dim=feat).to(device)
+    r = model.recipe
+    opt = build_optimizer(r["optimizer"], model.param_groups(), lr=r["lr"] * batch_size / 256,
+                          weight_decay=r["weight_decay"], **{k: r[k] for k in ("momentum", "eta", "clip", "betas")})
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    if compile:
+        model.backbone.compile()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    vs = [torch.randn(batch_size, 3, size, size, generator=g).to(device).contiguous(memory_format=fmt)
+          for _ in range(views)]
+    kind = torch.device(device).type
+    model.train()
+    while True:
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+            loss = model(vs).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.update_momentum(0.5)
         _sync(device)
         yield None, batch_size
 
@@ -128,8 +170,10 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
         dataset: str = "cifar", n: int = 2048, fmt: str = "shards", batch_size: Optional[int] = None,
         num_workers: Optional[int] = None, views: int = 2, preset: Optional[str] = None, repeats: int = 3,
         window_s: float = 10.0, warmup: int = 2, device: Optional[str] = None, cache=None, out_dir=None,
-        command: Optional[str] = None, progress: bool = True, seed: int = 0):
-    """Measure model-only, real and loader-only rates; write a record (+ PNG) and return its path."""
+        command: Optional[str] = None, progress: bool = True, seed: int = 0, backend: str = "torch",
+        mixed_precision: str = "no", channels_last: Optional[bool] = None, compile: bool = False):
+    """Measure model-only, plain-pytorch, real and loader-only rates; write a record (+ PNG) and
+    return its path."""
     import torch
 
     from .bench_loader import DEFAULT_PRESETS
@@ -141,36 +185,51 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
     data = make_bench_data(dataset, n=n, root=cache, progress=progress)
     if fmt not in data.formats:
         fmt = "folder"
-    size = data.out_size
-    preset = preset or DEFAULT_PRESETS[dataset]
-    scfg = data.source_config(fmt)
-    parts, accelerator, step = build_run(scfg, method=method, backbone=backbone, width=width, cifar_stem=cifar_stem,
-                                         preset=preset, size=size, views=views, batch_size=batch_size,
-                                         num_workers=cores, device=device, seed=seed)
+    size, preset = data.out_size, preset or DEFAULT_PRESETS[dataset]
+    model_kw = dict(method=method, backbone=backbone, width=width, cifar_stem=cifar_stem)
+    speed = dict(mixed_precision=mixed_precision, channels_last=channels_last, compile=compile)
+    parts, accelerator, step = build_run(data.source_config(fmt), **model_kw, **speed, preset=preset, size=size,
+                                         views=views, batch_size=batch_size, num_workers=cores, device=device,
+                                         seed=seed, backend=backend)
     dev = accelerator.device
+    tag = f"{backend}/{fmt}"
+    plain = {**model_kw, **speed, "channels_last": parts.channels_last}
     variants = [
         Variant("model-only", "model", lambda: model_only(step, batch_size=batch_size, size=size, views=views,
                                                            device=dev, seed=seed)),
-        Variant(f"real/{fmt}", "e2e", lambda: real_data(parts, accelerator, step=step, seed=seed)),
-        Variant(f"loader-only/{fmt}", "ours", lambda: real_data(parts, accelerator, step=None, seed=seed)),
+        Variant("plain-pytorch", "baseline", lambda: plain_pytorch(**plain, batch_size=batch_size, size=size,
+                                                                   views=views, device=dev, seed=seed)),
+        Variant(f"real/{tag}", "e2e", lambda: real_data(parts, accelerator, step=step, seed=seed)),
+        Variant(f"loader-only/{tag}", "ours", lambda: real_data(parts, accelerator, step=None, seed=seed)),
     ]
     res = measure_rounds(variants, repeats=repeats, seconds=window_s, warmup=warmup, progress=progress)
-    from .common import summarize
-    for v in res.values():
-        if v.get("values"):
-            v.update(summarize(v["values"]))
-    if all(res[k].get("values") for k in ("model-only", f"real/{fmt}")):
-        res["verdict"] = verdict(res[f"real/{fmt}"]["median"], res["model-only"]["median"],
-                                 res[f"loader-only/{fmt}"].get("median"))
-    config = {"method": method, "backbone": backbone, "width": width, "cifar_stem": cifar_stem, "dataset": dataset,
-              "n": n, "view_px": size, "format": fmt, "batch_size": batch_size, "views": views, "num_workers": cores,
-              "device": device, "torch_threads": torch.get_num_threads(), "preset": preset, "repeats": repeats,
-              "window_s": window_s, "warmup_steps": warmup, "generator": data.generator, "seed": seed,
+    _verdicts(res, tag)
+    config = {**model_kw, "dataset": dataset, "n": n, "view_px": size, "format": fmt, "backend": backend,
+              "batch_size": batch_size, "views": views, "num_workers": cores, "device": device,
+              "torch_threads": torch.get_num_threads(), "preset": preset, "repeats": repeats, "window_s": window_s,
+              "warmup_steps": warmup, "generator": data.generator, "seed": seed, **speed,
+              "channels_last_used": parts.channels_last,
               "step": "fastssl.step.TrainStep (method + online probe, as fastssl pretrain)",
+              "plain-pytorch": "the same method module and optimizer in a plain loop (no probe, no trainer)",
               "unit": "training samples/s (each sample = `views` views)"}
     path = write_record("e2e", config=config, results=res, command=command, directory=out_dir or _results())
     plot_record(path)
     return path
+
+
+def _verdicts(res: Dict, tag: str) -> None:
+    """Medians per variant, the data-bound verdict and fastssl's step against the plain loop."""
+    from .common import summarize
+    for v in res.values():
+        if v.get("values"):
+            v.update(summarize(v["values"]))
+    if all(res[k].get("values") for k in ("model-only", f"real/{tag}")):
+        res["verdict"] = verdict(res[f"real/{tag}"]["median"], res["model-only"]["median"],
+                                 res[f"loader-only/{tag}"].get("median"))
+    if all(res[k].get("values") for k in ("model-only", "plain-pytorch")):
+        r = res["model-only"]["median"] / res["plain-pytorch"]["median"]
+        res["step-vs-plain"] = {"kind": "verdict", "model_only_over_plain_pytorch": r,
+                                "text": f"fastssl's training step runs at {r:.2f}x the plain PyTorch loop"}
 
 
 def _results():
@@ -195,10 +254,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="default: symmetric, at the set's size")
     p.add_argument("--cache", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--backend", default="torch", choices=["torch", "resident"],
+                   help="torch: decode + crop in loader workers; resident: images held on the device")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last model and views (default: on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone (both loops)")
 
 
 def from_args(args, command: str):
     return run(method=args.method, backbone=args.backbone, width=args.width, cifar_stem=not args.no_cifar_stem,
                dataset=args.dataset, n=args.n, fmt=args.format, batch_size=args.batch_size,
                num_workers=args.workers, repeats=args.repeats, window_s=args.window, warmup=args.warmup,
-               device=args.device, preset=args.preset, cache=args.cache, out_dir=args.out, command=command)
+               device=args.device, preset=args.preset, cache=args.cache, out_dir=args.out, command=command,
+               backend=args.backend, mixed_precision=args.mixed_precision, channels_last=args.channels_last,
+               compile=args.compile)

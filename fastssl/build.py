@@ -25,7 +25,8 @@ from loaders.errors import ConfigError
 from .config import RunConfig
 
 __all__ = ["Parts", "build_augment", "build_backbone", "build_method", "optim_recipe",
-           "build_optimizers", "run_length", "check_labels", "build_training", "build_eval_sources"]
+           "build_optimizers", "run_length", "apply_speed_options", "check_labels", "build_training",
+           "build_eval_sources"]
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Parts:
     crop_in_decode: bool
     #: per-group multipliers of the scheduled lr
     lr_scale: List[float] = field(default_factory=list)
+    #: the model and its input views use the channels-last memory format
+    channels_last: bool = False
 
 
 def build_augment(section: Dict[str, Any]):
@@ -143,6 +146,21 @@ def run_length(cfg: RunConfig, loader, images_per_step: int, recipe: Dict[str, A
     return total
 
 
+def apply_speed_options(method, cfg: RunConfig, device) -> bool:
+    """``train.channels_last`` (default: on CUDA) for convolutional backbones and
+    ``train.compile`` (the backbone, in place: state_dict keys unchanged). Returns whether the
+    input views must be channels-last too."""
+    t = cfg.train
+    conv = not cfg.model.backbone.startswith("vit")
+    channels_last = t.channels_last if t.channels_last is not None else torch.device(device).type == "cuda"
+    channels_last = bool(channels_last and conv)
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
+    if t.compile:
+        method.backbone.compile(backend=t.compile_backend)
+    return channels_last
+
+
 def check_labels(sources: Sequence, num_classes: int, *, where: str = "data") -> None:
     """Every label in ``sources`` is -1 (no class) or in ``[0, num_classes)``; checked once at
     set-up so that the online probe needs no per-step check (a host sync)."""
@@ -178,8 +196,9 @@ def build_eval_sources(cfg: RunConfig, data: Optional[Dict[str, Any]] = None):
     return tuple(out)
 
 
-def build_training(cfg: RunConfig, *, rank: int = 0, world: int = 1) -> Parts:
-    """Every part of a pretraining run, validated (nothing is written)."""
+def build_training(cfg: RunConfig, *, rank: int = 0, world: int = 1, device="cpu") -> Parts:
+    """Every part of a pretraining run, validated (nothing is written); ``device`` is where the
+    run trains (the model's memory format and a device-resident loader depend on it)."""
     from loaders.pipeline import build_loader
 
     from .probe import OnlineProbe
@@ -200,6 +219,7 @@ def build_training(cfg: RunConfig, *, rank: int = 0, world: int = 1) -> Parts:
         check_labels(loader.sources, t.num_classes)
     images_per_step = int(cfg.data.get("batch_size", 256)) * world * t.grad_accum
     method, feat_dim = build_method(cfg, aug)
+    channels_last = apply_speed_options(method, cfg, device)
     recipe = optim_recipe(method, cfg)
     total = run_length(cfg, loader, images_per_step, recipe)
     probe = OnlineProbe(feat_dim, t.num_classes) if t.probe else None
@@ -208,4 +228,4 @@ def build_training(cfg: RunConfig, *, rank: int = 0, world: int = 1) -> Parts:
     return Parts(aug=aug, loader=loader, method=method, probe=probe, optimizer=optimizer,
                  probe_opt=probe_opt, recipes=recipes, recipe=recipe, lr=lr, total=total,
                  images_per_step=images_per_step, feat_dim=feat_dim, crop_in_decode=crop_in_decode,
-                 lr_scale=[g.get("lr_scale", 1.0) for g in optimizer.param_groups])
+                 lr_scale=[g.get("lr_scale", 1.0) for g in optimizer.param_groups], channels_last=channels_last)

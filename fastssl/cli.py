@@ -120,7 +120,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from loaders.errors import ConfigError, DataError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # key=value overrides may follow options (``pretrain CFG --resume auto train.steps=9``)
+        if getattr(args, "command", None) == "pretrain" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

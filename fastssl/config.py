@@ -137,6 +137,13 @@ class TrainConfig:
     #: torch intra-op threads of each training process (None = torch's default, one per core)
     num_threads: Optional[int] = None
     sync_bn: bool = True
+    #: channels-last memory format for convolutional backbones and their input views
+    #: (None = on CUDA only, where cuDNN's NHWC kernels are faster; ViTs are never converted)
+    channels_last: Optional[bool] = None
+    #: compile the backbone with torch.compile (``nn.Module.compile``: same state_dict keys)
+    compile: bool = False
+    #: torch.compile backend (inductor on GPUs; aot_eager compiles without generating code)
+    compile_backend: str = "inductor"
     #: online linear probe on detached backbone features
     probe: bool = True
     #: online probe lr per 256 images (None = the method's classifier_lr, 0.05: 0.1 at batch 512)

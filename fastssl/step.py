@@ -42,15 +42,18 @@ class TrainStep:
     ``views``: float ``[B, 3, H, W]`` tensors on the device; ``labels int64 [B]`` (-1 = none);
     ``progress``: (optimizer step + 1) / total steps, given to ``update_momentum`` after the
     update. ``bad`` is a 0-dim bool tensor: this micro-step's loss was not finite.
-    ``module``/``optimizer``/``probe_opt`` are the objects returned by ``accelerator.prepare``.
+    ``module``/``optimizer``/``probe_opt`` are the objects returned by ``accelerator.prepare``;
+    ``channels_last``: the views are converted to the channels-last memory format first.
     """
 
-    def __init__(self, accelerator, module, optimizer, probe_opt=None, *, grad_clip: Optional[float] = None):
+    def __init__(self, accelerator, module, optimizer, probe_opt=None, *, grad_clip: Optional[float] = None,
+                 channels_last: bool = False):
         self.accelerator = accelerator
         self.module = module
         self.optimizer = optimizer
         self.probe_opt = probe_opt
         self.grad_clip = grad_clip
+        self.channels_last = channels_last
         self.inner = accelerator.unwrap_model(module)
         self.params = [p for p in self.inner.parameters() if p.requires_grad]
         self.world = accelerator.num_processes
@@ -60,6 +63,8 @@ class TrainStep:
 
     def __call__(self, views, labels, *, progress: Optional[float] = None):
         acc = self.accelerator
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with acc.accumulate(self.module):
             with acc.autocast():
                 out, pout = self.module(views, labels)

@@ -112,7 +112,7 @@ def train(cfg: RunConfig, *, out: Optional[str] = None, force: bool = False) -> 
     accelerator = make_accelerator(cfg)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     _seed_all(t.seed)
-    parts = build_training(cfg, rank=rank, world=world)
+    parts = build_training(cfg, rank=rank, world=world, device=accelerator.device)
     eval_sources = build_eval_sources(cfg) if cfg.eval.enabled and main else None
     module = TrainModule(parts.method, parts.probe)
     if world > 1 and t.sync_bn and accelerator.device.type == "cuda":
@@ -190,7 +190,8 @@ def _run(cfg, run_dir, parts, module, meters, accelerator, ckpt, start, eval_sou
         if accelerator.scaler is not None and ckpt.get("scaler") is not None:
             accelerator.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-    step_fn = TrainStep(accelerator, module, parts.optimizer, parts.probe_opt, grad_clip=parts.recipe.get("grad_clip"))
+    step_fn = TrainStep(accelerator, module, parts.optimizer, parts.probe_opt, grad_clip=parts.recipe.get("grad_clip"),
+                        channels_last=parts.channels_last)
     resume_step = start if ckpt is not None else None
     logger = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.log.tensorboard, csv_file=cfg.log.csv,
                            plot=cfg.log.plot, resume_step=resume_step, wandb=cfg.log.wandb, config=to_dict(cfg))

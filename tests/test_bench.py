@@ -150,9 +150,33 @@ def test_e2e_bench_states_the_bound(data, tmp_path):
     rec = _check_record(path, name="e2e", command="fastssl bench e2e --test")
     r = rec["results"]
     v = r["verdict"]
-    assert v["real_over_model_only"] == pytest.approx(r["real/shards"]["median"] / r["model-only"]["median"])
+    assert v["real_over_model_only"] == pytest.approx(r["real/torch/shards"]["median"] / r["model-only"]["median"])
     assert v["bound"] in ("data-bound", "compute-bound")
+    s = r["step-vs-plain"]
+    assert s["model_only_over_plain_pytorch"] == pytest.approx(r["model-only"]["median"] / r["plain-pytorch"]["median"])
+    assert rec["config"]["backend"] == "torch" and rec["config"]["channels_last_used"] is False
     assert verdict(95.0, 100.0)["bound"] == "compute-bound" and verdict(50.0, 100.0)["bound"] == "data-bound"
+
+
+def test_e2e_bench_options_reach_the_step(data, tmp_path):
+    """channels-last, bf16 autocast and a compiled backbone (aot_eager: no code generation on
+    the CPU) run through the very step the trainer takes, and through the plain loop."""
+    import torch
+
+    from benchmarks.bench_e2e import build_run, plain_pytorch
+    scfg = data.source_config("shards")
+    parts, acc, step = build_run(scfg, method="simclr", backbone="resnet18", width=4, cifar_stem=True,
+                                 preset="symmetric", size=data.out_size, views=2, batch_size=8, num_workers=0,
+                                 device="cpu", channels_last=True, mixed_precision="bf16")
+    assert parts.channels_last
+    conv = parts.method.backbone.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    views = [torch.randn(8, 3, data.out_size, data.out_size) for _ in range(2)]
+    out, _, bad = step(views, torch.zeros(8, dtype=torch.long), progress=0.5)
+    assert not bool(bad) and torch.isfinite(out.loss)
+    loop = plain_pytorch(method="simclr", backbone="resnet18", width=4, cifar_stem=True, batch_size=8,
+                         size=data.out_size, views=2, device="cpu", mixed_precision="bf16", channels_last=True)
+    assert next(loop) == (None, 8)
 
 
 def test_scaling_bench_sweeps_workers_and_batch(data, tmp_path):

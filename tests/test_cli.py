@@ -105,3 +105,13 @@ def test_pretrain_then_eval(tmp_path, capsys):
         assert "kNN top-1:" in printed and "linear-probe top-1:" in printed
     rc = main(["eval", str(tmp_path / "missing.pt")])
     assert rc == EXIT_USAGE and "missing.pt" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", str(_cfg(tmp_path)), "--out", str(out), "train.steps=1", "eval.enabled=false"]) == 0
+    assert main(["pretrain", str(_cfg(tmp_path)), "--out", str(out), "--force", "train.steps=1",
+                 "eval.enabled=false"]) == 0
+    with pytest.raises(SystemExit):
+        main(["pretrain", str(_cfg(tmp_path)), "--out", str(out), "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -249,3 +249,15 @@ def test_wandb_offline_run_follows_a_resume(tmp_path):
     assert runs and all(p.name.endswith(run_id) for p in runs)
     assert (tmp_path / "run" / "wandb" / "run_id").read_text().strip() == run_id
     assert any(p.suffix == ".wandb" for r in runs for p in r.iterdir())
+
+
+def test_channels_last_and_compiled_backbone_train_and_export_plain_keys(tmp_path):
+    res = train(tiny(tmp_path, "train.steps=2", "eval.enabled=false", "train.channels_last=true",
+                     "train.compile=true", "train.compile_backend=aot_eager"))
+    conv = res.method.backbone.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    sd = torch.load(tmp_path / "run" / "backbone.pt", weights_only=True)
+    assert not any("_orig_mod" in k for k in sd)           # compile in place: the same keys
+    from fastssl.models import build_backbone
+    fresh, _ = build_backbone("resnet18", cifar_stem=True, width=4)
+    fresh.load_state_dict(sd, strict=True)
