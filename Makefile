@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # lint: pyflakes, pycodestyle errors/warnings and import order (no config file: the top level is fixed)
 RUFF_ARGS := --select E,F,W,I --line-length 120
 
-.PHONY: setup demo lint test bench clean-venv
+.PHONY: setup demo lint test bench clean-venv gpu-wheels gpu-suite gpu-dry-run
 
 $(STAMP): setup.py Makefile
 	@set -e; \
@@ -45,3 +45,32 @@ bench: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The GPU suite (benchmarks/gpu_suite.py): every GPU check in one device-tool call,
+#   run(command="make gpu-suite", carry=[".whl"], timeout_s=540)   (or "bash benchmarks/gpu_suite.sh")
+# gpu-wheels: here, the wheels that machine lacks (Python 3.12, x86-64) -> .whl/ (ignored; carried).
+GPU_PY ?= python3
+GPU_WHEELS ?= kornia==0.9.0 kornia_rs==0.2.0 simplejpeg==1.9.0 webdataset==1.0.2 braceexpand==0.1.7
+GPU_WHEELS_MAX_MIB ?= 60
+GPU_SUITE_ARGS ?=
+
+gpu-wheels:
+	@set -e; \
+	if [ -x $(PY) ]; then PIP_PY=$(PY); else PIP_PY=python3; fi; \
+	rm -rf .whl; mkdir -p .whl; \
+	$$PIP_PY -m pip download -q --disable-pip-version-check --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --implementation cp --no-deps \
+	  -d .whl $(GPU_WHEELS); \
+	ls -l .whl; \
+	size=$$(cat .whl/*.whl | wc -c); \
+	echo "[gpu-wheels] $$(ls .whl/*.whl | wc -l) wheels, $$(awk "BEGIN{printf \"%.1f\", $$size/1048576}") MiB ($$size bytes) in .whl/"; \
+	if [ $$size -gt $$(($(GPU_WHEELS_MAX_MIB) * 1024 * 1024)) ]; then \
+	  echo "[gpu-wheels] over $(GPU_WHEELS_MAX_MIB) MiB: the device tool carries 64 MiB in all" >&2; exit 1; fi
+
+# On the GPU machine: its python3, fastssl from this checkout (not installed)
+gpu-suite:
+	GPU_PY=$(GPU_PY) bash benchmarks/gpu_suite.sh $(GPU_SUITE_ARGS)
+
+# Here: the suite's CPU dry run (--device cpu --quick) and its budget/timeout tests
+gpu-dry-run: setup
+	$(PY) -m pytest -q tests/test_gpu_suite.py $(PYTEST_ARGS)

@@ -9,6 +9,14 @@ Two modes, each delivering batches of ``V`` views (default 2):
 * ``feed`` -- the GPU-feeding path: decode + crop + flip on the CPU, uint8 views delivered (the
   colour ops would run on the device).
 
+The resident backend (``loaders.resident_backend``; CIFAR-scale sets only) decodes the set once
+when its loader is built (before the warm-up batches, so not timed) and serves full uint8 images
+gathered from memory; the engine cuts every view (``crop=True``): in ``full`` mode the whole
+recipe, in ``feed`` mode its crop-only recipe (random-resized-crop + flip; float views, as the
+engine always outputs). It has no workers, so its main process gets every core's torch thread.
+Its variants are of kind ``resident`` (never a numerator of the loader targets below) and are
+judged by their own target: >= 2x the fastest other fastssl backend in the same mode (any format).
+
 Rates are *samples* per second (each sample gives ``V`` views). Variants are measured in rounds
 (A B C ... A B C ...): each round builds a variant's loader, pulls warm-up batches (workers
 started, queues in steady state), times one window of ``window_s`` seconds and shuts it down, so
@@ -31,10 +39,15 @@ from .data import BenchData, make_bench_data
 
 __all__ = ["Variant", "measure_rounds", "run", "stage_breakdown", "add_arguments", "targets"]
 
-BACKEND_MODULES = {"torch": "loaders.torch_backend", "dali": "loaders.dali_backend", "ffcv": "loaders.ffcv_backend"}
+BACKEND_MODULES = {"torch": "loaders.torch_backend", "dali": "loaders.dali_backend", "ffcv": "loaders.ffcv_backend",
+                   "resident": "loaders.resident_backend"}
 FORMATS = ("shards", "npz", "folder")
 #: formats holding JPEG bytes (decoded by the loader, as by every baseline); npz holds pixels
 JPEG_FORMATS = ("shards", "folder", "beton")
+#: the resident backend holds the whole set in (device) memory: measured on sets stored at most this side
+RESIDENT_MAX_PX = 64
+#: the resident backend's target: its rate over the fastest other fastssl variant of the same mode
+RESIDENT_TARGET = 2.0
 
 
 @dataclass
@@ -162,6 +175,42 @@ def ours(source_cfg: Dict, *, backend: str, mode: str, crops, augment, batch_siz
     finally:
         close_iter(it)
         del it, loader
+
+
+def crop_only(aug):
+    """The crop-only recipe of the engine ``aug``: each view's random-resized-crop and flip, then
+    its normalisation (no colour ops) -- the device-side equivalent of the feed mode's crop+flip."""
+    from loaders.augment import Augment, ViewSpec
+    specs = [ViewSpec(size=v.size, scale=v.scale, ratio=v.ratio, interpolation=v.interpolation,
+                      antialias=v.antialias, flip=v.flip) for v in aug.specs]
+    return Augment(specs, mean=aug.mean, std=aug.std, seed=aug.seed)
+
+
+def resident(source_cfg: Dict, *, mode: str, augment, batch_size: int, image_size: int, threads: int,
+             seed: int = 0) -> Iterator[Tuple[object, int]]:
+    """The resident backend on the CPU in ``mode`` full|feed; yields ``(batch, n)``.
+
+    Built with ``loaders.pipeline.build_loader`` (``backend: resident``, ``crop_in_decode: false``):
+    the set is loaded when the loader is built; each batch is a gather of full uint8 images and the
+    engine cuts every view from it (``crop=True``): ``augment`` itself in ``full`` mode, its
+    :func:`crop_only` recipe in ``feed`` mode. No worker processes: ``threads`` torch threads here.
+    """
+    import torch
+
+    from loaders.pipeline import build_loader
+    cfg = _data_cfg(source_cfg, backend="resident", batch_size=batch_size, num_workers=0, image_size=image_size,
+                    seed=seed)
+    cfg.update(crop_in_decode=False, backend_options={"progress": False})
+    loader = build_loader(cfg, device="cpu")
+    aug = augment if mode == "full" else crop_only(augment)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for step, batch in enumerate(loader):
+            yield aug(batch, step=step, crop=True), len(batch)
+    finally:
+        torch.set_num_threads(old)
+        del loader
 
 
 def torch_uint8():
@@ -294,6 +343,23 @@ TARGETS = [
 ]
 
 
+def resident_targets(results: Dict[str, Dict], *, size_tag: str) -> Dict[str, Dict]:
+    """Per mode: the fastest resident variant over the fastest other fastssl variant (kind ``ours``,
+    any backend and format, npz included: the strictest denominator), target 2x."""
+    out = {}
+    for mode in ("full", "feed"):
+        def best(kind, mode=mode):
+            r = {k: v["median"] for k, v in results.items()
+                 if k.startswith(f"{size_tag}/{mode}/") and v.get("kind") == kind and v.get("median")}
+            return (max(r, key=r.get), max(r.values())) if r else (None, None)
+        (num, a), (den, b) = best("resident"), best("ours")
+        if num and den:
+            out[f"{size_tag}/target/resident {mode} >= {RESIDENT_TARGET:g}x best other fastssl backend"] = {
+                "kind": "target", "ratio": a / b, "target": RESIDENT_TARGET, "met": bool(a / b >= RESIDENT_TARGET),
+                "numerator": num, "denominator": den}
+    return out
+
+
 def targets(results: Dict[str, Dict], *, size_tag: str) -> Dict[str, Dict]:
     """The issue's targets as ratios of medians: for each, our fastest variant of that mode (any
     backend, named in ``numerator``) over the baseline. Only variants that decode JPEGs count
@@ -318,7 +384,7 @@ def targets(results: Dict[str, Dict], *, size_tag: str) -> Dict[str, Dict]:
 # ----------------------------------------------------------------------------- run
 def build_variants(data: BenchData, *, modes: Sequence[str], backends: Dict[str, str], formats: Sequence[str],
                    baselines: Sequence[str], views: int, batch_size: int, num_workers: int, preset: str,
-                   seed: int = 0) -> Tuple[List[Variant], Dict[str, str]]:
+                   seed: int = 0, resident_threads: int = 1) -> Tuple[List[Variant], Dict[str, str]]:
     """Every variant for one data set; returns (variants, skipped key -> why)."""
     size = data.out_size
     tag = f"{size}px"
@@ -337,6 +403,16 @@ def build_variants(data: BenchData, *, modes: Sequence[str], backends: Dict[str,
                 skipped[f"{tag}/{mode}/{be}"] = st
                 continue
             if crops is None:
+                continue
+            if be == "resident":
+                if data.size > RESIDENT_MAX_PX:
+                    skipped[f"{tag}/{mode}/resident"] = f"CIFAR-scale sets only (stored side <= {RESIDENT_MAX_PX} px)"
+                    continue
+                for f in [f for f in formats if f in data.formats]:
+                    variants.append(Variant(f"{tag}/{mode}/resident/{f}", "resident", (
+                        lambda f=f, mode=mode: resident(data.source_config(f), mode=mode, augment=aug,
+                                                        batch_size=batch_size, image_size=size,
+                                                        threads=resident_threads, seed=seed))))
                 continue
             fmts = ["beton"] if be == "ffcv" else [f for f in formats if f in data.formats]
             for f in formats:
@@ -392,7 +468,7 @@ def build_variants(data: BenchData, *, modes: Sequence[str], backends: Dict[str,
 
 
 def run(*, sets: Sequence[str] = ("cifar", "imagenet"), n: Optional[Dict[str, int]] = None,
-        modes: Sequence[str] = ("full", "feed"), backends: Sequence[str] = ("torch", "dali", "ffcv"),
+        modes: Sequence[str] = ("full", "feed"), backends: Sequence[str] = ("torch", "dali", "ffcv", "resident"),
         formats: Sequence[str] = FORMATS, baselines: Sequence[str] = ("torchvision", "dali", "ffcv", "ceiling"),
         views: int = 2, batch_size: Optional[Dict[str, int]] = None, num_workers: Optional[int] = None,
         repeats: int = 3, window_s: float = 3.0, warmup: int = 3, stages: bool = True, stage_images: int = 512,
@@ -401,7 +477,7 @@ def run(*, sets: Sequence[str] = ("cifar", "imagenet"), n: Optional[Dict[str, in
     """Measure every variant on every set; write one record (+ PNG) and return its path.
 
     ``threads``: torch intra-op threads of the main process (default: the cores the workers leave,
-    at least 1).
+    at least 1; the resident backend, which has no workers: every usable core).
     """
     n = {"cifar": 4096, "imagenet": 512, **(n or {})}
     batch_size = {"cifar": 256, "imagenet": 64, **(batch_size or {})}
@@ -411,20 +487,22 @@ def run(*, sets: Sequence[str] = ("cifar", "imagenet"), n: Optional[Dict[str, in
     # torch's default intra-op threads (= cores) the two oversubscribe the cores and OpenMP's
     # barriers stall: on a loaded 2-core machine the engine ran 8x slower with 2 threads than
     # with 1. So the main process gets the cores the workers leave (at least 1).
+    resident_threads = threads or len(os.sched_getaffinity(0))
     threads = threads or max(1, len(os.sched_getaffinity(0)) - cores)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return _run(sets=sets, n=n, modes=modes, backends=backends, formats=formats, baselines=baselines,
-                    views=views, batch_size=batch_size, cores=cores, threads=threads, repeats=repeats,
+                    views=views, batch_size=batch_size, cores=cores, threads=threads,
+                    resident_threads=resident_threads, repeats=repeats,
                     window_s=window_s, warmup=warmup, stages=stages, stage_images=stage_images, preset=preset,
                     cache=cache, out_dir=out_dir, command=command, progress=progress, seed=seed)
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _run(*, sets, n, modes, backends, formats, baselines, views, batch_size, cores, threads, repeats, window_s,
-         warmup, stages, stage_images, preset, cache, out_dir, command, progress, seed):
+def _run(*, sets, n, modes, backends, formats, baselines, views, batch_size, cores, threads, resident_threads,
+         repeats, window_s, warmup, stages, stage_images, preset, cache, out_dir, command, progress, seed):
     from .report import plot_record
     status = {b: s for b, s in backend_status().items() if b in backends}
     results: Dict[str, Dict] = {}
@@ -438,7 +516,7 @@ def _run(*, sets, n, modes, backends, formats, baselines, views, batch_size, cor
         presets[s] = recipe
         variants, sk = build_variants(data, modes=modes, backends=status, formats=formats, baselines=baselines,
                                       views=views, batch_size=batch_size[s], num_workers=cores, preset=recipe,
-                                      seed=seed)
+                                      seed=seed, resident_threads=resident_threads)
         skipped.update(sk)
         # stages first: nothing else is running yet (a closed loader's threads may linger a moment)
         if stages:
@@ -462,8 +540,9 @@ def _run(*, sets, n, modes, backends, formats, baselines, views, batch_size, cor
     for s in sets:
         tag = f"{datasets[s]['view_px']}px"
         results.update(targets(results, size_tag=tag))
+        results.update(resident_targets(results, size_tag=tag))
     config = {"sets": datasets, "modes": list(modes), "views": views, "batch_size": batch_size,
-              "num_workers": cores, "main_torch_threads": threads,
+              "num_workers": cores, "main_torch_threads": threads, "resident_torch_threads": resident_threads,
               "ceiling_decoder": B.fastest_decoder(), "repeats": repeats, "window_s": window_s,
               "warmup_batches": warmup,
               "preset": presets, "backends": status, "skipped": skipped, "seed": seed,
@@ -491,7 +570,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sets", type=_csv, default=["cifar", "imagenet"], help="cifar (32 px), imagenet (256->224 px)")
     p.add_argument("--n", type=int, default=None, help="images per set (default: cifar 4096, imagenet 512)")
     p.add_argument("--modes", type=_csv, default=["full", "feed"])
-    p.add_argument("--backends", type=_csv, default=["torch", "dali", "ffcv"])
+    p.add_argument("--backends", type=_csv, default=["torch", "dali", "ffcv", "resident"])
     p.add_argument("--formats", type=_csv, default=list(FORMATS))
     p.add_argument("--baselines", type=_csv, default=["torchvision", "dali", "ffcv", "ceiling"])
     p.add_argument("--views", type=int, default=2)

@@ -39,10 +39,16 @@ def load_records(directory=RESULTS) -> List[Dict]:
 def _scope(rec: Dict) -> str:
     """What a record measured: its name plus the ``size/mode`` prefixes of its loader results
     (``loader`` runs may be split by set and mode), so a newer run replaces only what it re-measured."""
+    cfg = rec.get("config") or {}
+    if rec["name"] == "e2e":  # one table per model, size, backend and device
+        bits = [cfg.get("backbone"), f"{cfg['view_px']}px" if cfg.get("view_px") else None,
+                cfg.get("backend", "torch"), cfg.get("device")]
+        return " ".join(["e2e", *[str(b) for b in bits if b]])
     if rec["name"] != "loader":
         return rec["name"]
     parts = sorted({"/".join(k.split("/")[:2]) for k, v in rec["results"].items() if v.get("values")})
-    return f"loader {' '.join(parts)}"
+    backends = sorted(cfg.get("backends") or {})
+    return f"loader {' '.join(parts)}" + (f" [{', '.join(backends)}]" if backends else "")
 
 
 def latest(records: Sequence[Dict]) -> Dict[str, Dict]:

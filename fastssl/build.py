@@ -212,9 +212,10 @@ def build_training(cfg: RunConfig, *, rank: int = 0, world: int = 1, device="cpu
             raise ConfigError(f"log.wandb={cfg.log.wandb} needs the wandb package: "
                               f"pip install 'fastssl[wandb]' ({e})") from e
     aug = build_augment(cfg.augment)
-    crop_in_decode = bool(cfg.data.get("crop_in_decode", True))
-    loader = build_loader(cfg.data, crops=list(aug.crop_specs) if crop_in_decode else None,
-                          rank=rank, world_size=world)
+    loader = build_loader(cfg.data, crops=list(aug.crop_specs), rank=rank, world_size=world, device=device)
+    # the loader cut the views while decoding, or (crop_in_decode: false, resident backend) hands
+    # over whole images that the engine crops on the device
+    crop_in_decode = getattr(loader, "crops", None) is not None
     if t.probe:
         check_labels(loader.sources, t.num_classes)
     images_per_step = int(cfg.data.get("batch_size", 256)) * world * t.grad_accum

@@ -32,6 +32,7 @@ class Meters:
         self.src_loss = torch.zeros(self.num_sources, **z)
         self.src_count = torch.zeros(self.num_sources, **z)
         self.logs: Dict[str, torch.Tensor] = {}
+        self.float_logs: Dict[str, float] = {}
         #: the first optimizer step (1-based) whose loss was NaN/inf, 0 while none was; and that loss
         self.bad_step = torch.zeros((), dtype=torch.int64, device=self.device)
         self.bad_loss = torch.zeros((), **z)
@@ -51,9 +52,11 @@ class Meters:
             self.src_loss.index_add_(0, src, per_sample_loss.detach().to(torch.float64))
             self.src_count.index_add_(0, src, torch.ones_like(src, dtype=torch.float64))
         for k, v in (logs or {}).items():
-            v = v.detach().to(self.device, torch.float64) if isinstance(v, torch.Tensor) else float(v)
-            self.logs[k] = self.logs[k] + v if k in self.logs else torch.as_tensor(v, device=self.device,
-                                                                                dtype=torch.float64)
+            if isinstance(v, torch.Tensor):  # summed on the device
+                v = v.detach().to(self.device, torch.float64)
+                self.logs[k] = self.logs[k] + v if k in self.logs else v.clone()
+            else:  # Python floats (schedules such as tau) stay on the host: no copy to the device
+                self.float_logs[k] = self.float_logs.get(k, 0.0) + float(v)
 
     def flag_nonfinite(self, bad: torch.Tensor, step: int, loss: torch.Tensor) -> None:
         """Record ``step`` (1-based) as the first bad one if ``bad`` (0-dim bool) and none was."""
@@ -79,7 +82,7 @@ class Meters:
         for i, (ls, c) in enumerate(zip(src_loss, src_count)):
             if c:
                 out[f"loss/{source_names[i] if i < len(source_names) else f'source{i}'}"] = ls / c
-        for k, v in zip(keys, logv):
+        for k, v in [*zip(keys, logv), *self.float_logs.items()]:
             out[f"method/{k}"] = v / max(steps, 1)
         self.nonfinite = (int(bad_step), bad_loss) if bad_step else None
         self._reset()
@@ -93,7 +96,7 @@ class Meters:
     def _reset(self) -> None:
         for t in (self.loss, self.steps, self.probe_correct, self.probe_count, self.src_loss, self.src_count):
             t.zero_()
-        self.logs = {}
+        self.logs, self.float_logs = {}, {}
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:
@@ -101,6 +104,7 @@ class Meters:
         sd = {k: getattr(self, k).cpu().clone() for k in
               ("loss", "steps", "probe_correct", "probe_count", "src_loss", "src_count")}
         sd["logs"] = {k: v.cpu().clone() for k, v in self.logs.items()}
+        sd["float_logs"] = dict(self.float_logs)
         return sd
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
@@ -108,3 +112,4 @@ class Meters:
             if k in sd and sd[k].shape == getattr(self, k).shape:
                 getattr(self, k).copy_(sd[k])
         self.logs = {k: v.to(self.device) for k, v in (sd.get("logs") or {}).items()}
+        self.float_logs = dict(sd.get("float_logs") or {})

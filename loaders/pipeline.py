@@ -9,12 +9,12 @@
       budget: null        # images to see in total (all ranks); null = unlimited
       epoch_length: null  # weight mode only: samples per epoch (default: sum of unique counts)
       seed: 0
-      backend: torch      # torch | dali | ffcv
+      backend: torch      # torch | dali | ffcv | resident
       batch_size: 256     # per rank
       num_workers: 2
       on_error: raise     # raise | skip
       image_size: 32      # resize size when crops are not done while decoding
-      crop_in_decode: true
+      crop_in_decode: true # ignored (false) with backend: resident
       pin_memory: false
       backend_options: {} # extra keyword arguments for the backend (e.g. prefetch_factor)
 
@@ -33,7 +33,8 @@ from .errors import ConfigError, check_keys
 from .mixture import Mixture
 
 # SOURCE_MODULES (now in loaders.base) stays importable from here for older callers
-__all__ = ["build_loader", "build_sources_and_mixture", "DATA_DEFAULTS", "BACKENDS", "SOURCE_MODULES"]
+__all__ = ["build_loader", "build_sources_and_mixture", "DATA_DEFAULTS", "BACKENDS", "DEVICE_BACKENDS",
+           "SOURCE_MODULES"]
 
 #: the ``data:`` keys and their defaults
 DATA_DEFAULTS: Dict[str, object] = {
@@ -47,7 +48,11 @@ BACKENDS: Dict[str, Tuple[str, str]] = {
     "torch": ("loaders.torch_backend", "TorchLoader"),
     "dali": ("loaders.dali_backend", "DaliLoader"),
     "ffcv": ("loaders.ffcv_backend", "FFCVLoader"),
+    "resident": ("loaders.resident_backend", "ResidentLoader"),
 }
+#: backends that hold the data on the training device: they never crop while decoding and take
+#: build_loader's ``device``
+DEVICE_BACKENDS = ("resident",)
 
 
 def _data_config(data_cfg: Mapping) -> Dict[str, object]:
@@ -100,11 +105,17 @@ def build_sources_and_mixture(data_cfg: Mapping) -> Tuple[List[Source], Mixture]
 
 
 def build_loader(data_cfg: Mapping, *, crops: Optional[Sequence[CropSpec]] = None, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, device=None):
     """The backend loader for a ``data:`` mapping.
 
     ``crops`` (from ``Augment.crop_specs``) are done while decoding when ``crop_in_decode`` is
     true; otherwise the backend emits one view resized to ``image_size`` and the device crops.
+
+    ``backend: resident`` (:mod:`loaders.resident_backend`) never gets crops (``crop_in_decode`` is
+    ignored: it yields the full images, the engine crops them with ``crop=True``); ``image_size``
+    is its resize for sources of mixed sizes. ``device`` (e.g. ``accelerator.device``) is where it
+    holds the data; it goes to that backend only (the others ignore it) and may instead be given as
+    ``backend_options: {device: cuda:0}`` (both given and different: a ConfigError). Default: CPU.
     """
     cfg = _data_config(data_cfg)
     backend = cfg["backend"]
@@ -119,8 +130,25 @@ def build_loader(data_cfg: Mapping, *, crops: Optional[Sequence[CropSpec]] = Non
         cls = getattr(importlib.import_module(module), cls_name)
     except ImportError as e:
         raise ConfigError(f"data.backend '{backend}' is unavailable: {e}") from e
-    use_crops = list(crops) if (crops and cfg["crop_in_decode"]) else None
+    use_crops = list(crops) if (crops and cfg["crop_in_decode"] and backend not in DEVICE_BACKENDS) else None
+    if backend in DEVICE_BACKENDS and device is not None:
+        given = options.get("device")
+        if given is not None and _device_name(given) != _device_name(device):
+            raise ConfigError(f"data.backend_options.device is {given!r} but the run trains on {device!r}: "
+                              "remove data.backend_options.device")
+        options["device"] = device
     return cls(sources, mixture, batch_size=cfg["batch_size"], crops=use_crops,
                resize=None if use_crops else cfg["image_size"], rank=rank, world_size=world_size,
                num_workers=cfg["num_workers"], seed=cfg["seed"], on_error=cfg["on_error"],
                pin_memory=cfg["pin_memory"], **options)
+
+
+def _device_name(device) -> str:
+    import torch
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        return str(device)
+    if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+        d = torch.device("cuda", torch.cuda.current_device())
+    return str(d)

@@ -6,7 +6,8 @@ pinned memory, ``non_blocking``) while the model works on batch ``b``; the main 
 for that copy (``wait_stream``) and the copied tensors are marked as used by the main stream
 (``record_stream``) so the caching allocator never hands their memory to the next copy too
 early. Augmentation then runs on the main stream, on the device, from uint8. On CPU it is a
-plain pass-through that still augments (no side stream, no read-ahead).
+plain pass-through that still augments (no side stream, no read-ahead). Batches already on
+``device`` (``data.backend: resident``) pass through uncopied (``Batch.to`` is then a no-op).
 
 ``state_dict()`` returns the wrapped loader's state as of the last batch *handed out* (not the
 one being prefetched), so a checkpoint resumes at exactly the next unseen sample; it is the
@@ -100,8 +101,9 @@ class DevicePrefetcher:
             except StopIteration:
                 return None, None
             state = self._loader_state()
-            # pinned memory makes the copy truly asynchronous; pin here only if the loader did not
-            if self.non_blocking and not host.views[0].is_pinned():
+            # pinned memory makes the copy truly asynchronous; pin here only if the loader did not.
+            # A batch already on the device (the resident backend) is neither pinned nor copied.
+            if self.non_blocking and host.device.type == "cpu" and not host.views[0].is_pinned():
                 host = host.pin_memory()
             with torch.cuda.stream(stream):
                 dev = host.to(self.device, non_blocking=self.non_blocking)

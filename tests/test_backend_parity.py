@@ -1,4 +1,5 @@
-"""torch vs DALI vs FFCV on the same mixture: same order, same crop boxes, same view statistics."""
+"""torch vs DALI vs FFCV vs resident on the same mixture: same order, same crop boxes (the
+resident backend does not crop: same order, full images), same view statistics."""
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from loaders.beton import BetonSource, to_beton  # noqa: E402
 from loaders.dali_backend import DaliLoader  # noqa: E402
 from loaders.ffcv_backend import FFCVLoader  # noqa: E402
 from loaders.mixture import Mixture  # noqa: E402
+from loaders.resident_backend import ResidentLoader  # noqa: E402
 from loaders.synthetic import SyntheticSource  # noqa: E402
 from loaders.torch_backend import TorchLoader  # noqa: E402
 
@@ -68,14 +70,32 @@ def test_same_order_and_same_crops(data):
             torch.testing.assert_close(x.std((0, 2, 3)), y.std((0, 2, 3)), atol=2.0, rtol=0)
 
 
+def test_resident_same_order_and_full_images(data):
+    """The resident backend reads the same plan: same index/source/label as the cropping
+    backends, and its one view is the source's full image."""
+    crops = Augment.from_preset("symmetric_adainf").crop_specs
+    ref = _run(_loaders(data, crops)["torch"])
+    got = _run(ResidentLoader(data["arrays"], data["mix"], batch_size=256, seed=4, progress=False))
+    assert len(got) == len(ref) == N // 256
+    images = torch.cat([torch.from_numpy(a.images) for a in data["arrays"]]).permute(0, 3, 1, 2)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.index, b.index)
+        torch.testing.assert_close(a.source, b.source)
+        torch.testing.assert_close(a.label, b.label)
+        assert len(a.views) == 1 and torch.equal(a.views[0], images[a.index])
+
+
 @pytest.mark.parametrize("preset", ["symmetric", "asymmetric_adainf"])
 def test_full_recipe_distribution_agrees(data, preset):
-    """torch + engine, FFCV + engine and the DALI graph: per-channel mean/std of the float views
-    agree within tolerance (DALI's colour ops differ in order and contrast pivot)."""
+    """torch + engine, FFCV + engine, resident + engine (cropping on the device) and the DALI
+    graph: per-channel mean/std of the float views agree within tolerance (DALI's colour ops
+    differ in order and contrast pivot)."""
     aug = Augment.from_preset(preset)
     crops = aug.crop_specs
     ls = _loaders(data, crops)
     eng = {k: [aug(b, step=i, crop=False) for i, b in enumerate(ls[k])] for k in ("torch", "ffcv")}
+    res = ResidentLoader(data["arrays"], data["mix"], batch_size=256, seed=4, progress=False)
+    eng["resident"] = [aug(b, step=i, crop=True) for i, b in enumerate(res)]
     dali = _run(DaliLoader(data["arrays"], data["mix"], batch_size=256, augment=aug, seed=4, num_workers=0))
     stats = {}
     for name, batches in {**eng, "dali": dali}.items():
@@ -85,7 +105,7 @@ def test_full_recipe_distribution_agrees(data, preset):
             stats[name, v] = (x.mean((0, 2, 3)), x.std((0, 2, 3)))
     for v in range(aug.num_views):
         m0, s0 = stats["torch", v]
-        for name in ("ffcv", "dali"):
+        for name in ("ffcv", "dali", "resident"):
             m, s = stats[name, v]
             assert (m - m0).abs().max() < 0.15, (name, v, m, m0)
             assert (s - s0).abs().max() < 0.15, (name, v, s, s0)
