@@ -261,3 +261,15 @@ def test_channels_last_and_compiled_backbone_train_and_export_plain_keys(tmp_pat
     from fastssl.models import build_backbone
     fresh, _ = build_backbone("resnet18", cifar_stem=True, width=4)
     fresh.load_state_dict(sd, strict=True)
+
+
+def test_resident_backend_trains_on_the_same_samples_as_torch(tmp_path):
+    """data.backend=resident through the trainer: whole images from the device tensor, cropped by
+    the engine; the same plan, so the same sample ids per step as the torch backend."""
+    runs = {}
+    for backend in ("torch", "resident"):
+        out = tmp_path / backend
+        train(tiny(tmp_path, "train.steps=3", "eval.enabled=false", "log.indices=true", f"data.backend={backend}",
+                   f"log.out={out}"))
+        runs[backend] = [json.loads(x)["index"] for x in (out / "indices_rank0.jsonl").read_text().splitlines()]
+    assert runs["torch"] == runs["resident"] and len(runs["resident"]) == 3
