@@ -50,7 +50,9 @@ clean-venv:
 #   run(command="make gpu-suite", carry=[".whl"], timeout_s=540)   (or "bash benchmarks/gpu_suite.sh")
 # gpu-wheels: here, the wheels that machine lacks (Python 3.12, x86-64) -> .whl/ (ignored; carried).
 GPU_PY ?= python3
-GPU_WHEELS ?= kornia==0.9.0 kornia_rs==0.2.0 simplejpeg==1.9.0 webdataset==1.0.2 braceexpand==0.1.7
+GPU_WHEELS ?= kornia==0.9.0 kornia_rs==0.2.0 simplejpeg==1.9.0 webdataset==1.0.2 braceexpand==0.1.7 \
+  matplotlib==3.11.2 contourpy==1.3.2 cycler==0.12.1 fonttools==4.68.0 kiwisolver==1.5.1 pyparsing==3.3.3 \
+  python-dateutil==2.9.0.post0 six==1.17.0
 GPU_WHEELS_MAX_MIB ?= 60
 GPU_SUITE_ARGS ?=
 

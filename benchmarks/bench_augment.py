@@ -181,9 +181,10 @@ def run(*, sizes: List[int], batch: int, repeats: int, device: str, variants: Li
 
 
 def _plot(results: Dict, sizes: List[int], out: Path, *, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import pyplot
+    plt = pyplot()
+    if plt is None:
+        return
     names = ["engine", "torchvision", "kornia"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.4), squeeze=False)
     for ax, size in zip(axes[0], sizes):

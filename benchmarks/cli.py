@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shlex
 import sys
 from typing import List, Optional
@@ -25,7 +26,8 @@ def _command(args) -> str:
 def _done(path) -> int:
     print(f"record: {path}")
     png = str(path).rsplit(".", 1)[0] + ".png"
-    print(f"plot:   {png}")
+    if os.path.exists(png):
+        print(f"plot:   {png}")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -67,11 +68,25 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}"
 
 
-def plot_record(path) -> Path:
-    """Bar chart of one record's measured variants (median, min..max whiskers); returns the PNG path."""
-    import matplotlib
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None (with a note) where matplotlib is not
+    installed (the lent GPU machine): records are written either way, plots are extras."""
+    try:
+        import matplotlib
+    except Exception as e:  # missing, or a carried wheel that does not fit the machine's numpy
+        print(f"plot skipped: matplotlib is not installed ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_record(path) -> Optional[Path]:
+    """Bar chart of one record's measured variants (median, min..max whiskers); returns the PNG
+    path (None without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return None
 
     path = Path(path)
     rec = json.loads(path.read_text())

@@ -217,3 +217,18 @@ def test_cli_wiring(tmp_path):
         assert callable(build_parser().parse_args(["bench", cmd]).func)
     write_record("e2e", config={}, results={"model-only": {"values": [5.0]}}, command="c", directory=tmp_path)
     assert main(["report", "--results", str(tmp_path), "--no-plots"]) == 0
+
+
+def test_records_are_written_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """The lent GPU machine has no matplotlib: records still come out, the plot is skipped."""
+    import sys
+
+    from benchmarks.common import write_record
+    from benchmarks.report import plot_record
+    from fastssl.metrics_log import plot_metrics
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    path = write_record("e2e", config={}, results={"model-only": {"values": [5.0], "median": 5.0, "min": 5.0,
+                                                                   "max": 5.0}}, command="c", directory=tmp_path)
+    assert plot_record(path) is None and not path.with_suffix(".png").exists()
+    assert "plot skipped: matplotlib is not installed" in capsys.readouterr().err
+    assert plot_metrics([{"step": 1, "loss": 1.0}], tmp_path / "m.png") is None
