@@ -12,15 +12,21 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
+from loaders.errors import ConfigError
+
 __all__ = [
     "atomic_save", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
-    "latest_checkpoint", "checkpoint_path", "save_backbone",
+    "latest_checkpoint", "checkpoints_newest_first", "checkpoint_path", "save_backbone", "CheckpointError",
 ]
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that does not load; the message names it."""
+
 
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -98,13 +104,25 @@ def latest_checkpoint(run_dir: Union[str, Path]) -> Optional[Path]:
     return files[-1][1] if files else None
 
 
+def checkpoints_newest_first(run_dir: Union[str, Path]) -> List[Path]:
+    """The run directory's step checkpoints, newest first."""
+    return [p for _, p in sorted(_step_files(Path(run_dir) / "checkpoints"), reverse=True)]
+
+
 def load_checkpoint(path: Union[str, Path], *, map_location="cpu") -> Dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (RNG states are not applied here)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    # weights_only=False: the file holds numpy RNG state and the config dict (our own files)
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        # weights_only=False: the file holds numpy RNG state and the config dict (our own files)
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torn copy, truncated download, not a checkpoint at all
+        raise CheckpointError(f"checkpoint {path} does not load ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]})") from e
+    if not isinstance(obj, dict) or "step" not in obj:
+        raise CheckpointError(f"checkpoint {path} is not a fastssl training checkpoint (no 'step')")
+    return obj
 
 
 def save_backbone(backbone: torch.nn.Module, path: Union[str, Path], *,

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from loaders.errors import ConfigError
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import CheckpointError, checkpoints_newest_first, load_checkpoint
 
-__all__ = ["RUN_FILES", "existing_run_files", "resume_target", "check_fresh", "clear_run",
+__all__ = ["RUN_FILES", "existing_run_files", "load_resume", "check_fresh", "clear_run", "run_is_complete",
            "open_indices_log"]
 
 #: what a run writes into its directory (removed by --force)
@@ -37,17 +38,26 @@ def existing_run_files(run_dir: Path) -> List[str]:
     return found
 
 
-def resume_target(resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    """The checkpoint to resume from: ``None`` (fresh), ``"auto"`` (the run directory's newest,
-    or None when it has none) or a path, which must exist."""
+def load_resume(resume: Optional[str], run_dir: Path) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """``(path, checkpoint)`` to resume from, or ``(None, None)`` for a fresh run.
+
+    ``resume``: None (fresh), a path (it must exist and load: else a one-line error naming it)
+    or ``"auto"``: the run directory's newest checkpoint that loads; an unreadable newer one (a
+    torn copy) is named once on stderr and passed over.
+    """
     if not resume:
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if not path.is_file():
-        raise ConfigError(f"train.resume: checkpoint {path} does not exist")
-    return path
+        return None, None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError(f"train.resume: checkpoint {path} does not exist")
+        return path, load_checkpoint(path)
+    for path in checkpoints_newest_first(run_dir):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            print(f"fastssl: {e}; trying the previous checkpoint", file=sys.stderr)
+    return None, None
 
 
 def check_fresh(run_dir: Path, *, resume: Optional[str], force: bool) -> None:
@@ -58,6 +68,13 @@ def check_fresh(run_dir: Path, *, resume: Optional[str], force: bool) -> None:
         raise ConfigError(f"run directory {run_dir} already holds a run ({', '.join(found[:4])}"
                           f"{', ...' if len(found) > 4 else ''}): continue it with --resume auto, "
                           f"start over with --force, or choose another --out")
+
+
+def run_is_complete(run_dir: Path, *, eval_enabled: bool) -> bool:
+    """The run's last steps are done and its outputs written: ``backbone.pt`` and, when the run
+    evaluates, ``eval.json`` (written last)."""
+    run_dir = Path(run_dir)
+    return (run_dir / "backbone.pt").is_file() and (not eval_enabled or (run_dir / "eval.json").is_file())
 
 
 def clear_run(run_dir: Path) -> int:

@@ -33,13 +33,13 @@ import torch
 import torch.nn as nn
 
 from .build import build_eval_sources, build_training
-from .checkpoint import load_checkpoint, save_backbone, set_rng_state
+from .checkpoint import save_backbone, set_rng_state
 from .config import RunConfig, dump, to_dict
 from .loop import Loop, NonFiniteLoss, device_batches
 from .meters import Meters
 from .metrics_log import MetricsLogger
 from .recipes import SetupContext
-from .rundir import check_fresh, clear_run, open_indices_log, resume_target
+from .rundir import check_fresh, clear_run, load_resume, open_indices_log, run_is_complete
 from .state import check_resume, restore_state, world_change_note
 from .step import TrainModule, TrainStep
 
@@ -120,6 +120,8 @@ def train(cfg: RunConfig, *, out: Optional[str] = None, force: bool = False) -> 
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     meters = Meters(accelerator.device, len(_source_names(cfg.data)))
     ckpt, start = _resume(cfg, run_dir, parts, module, meters, world, force)
+    if ckpt is not None and start == parts.total and _complete(cfg, run_dir):
+        return _already_complete(cfg, run_dir, parts, start, main)
     _setup_recipes(parts, accelerator, world, ckpt)
     _write_run_dir(cfg, run_dir, accelerator, fresh=ckpt is None)
     return _run(cfg, run_dir, parts, module, meters, accelerator, ckpt, start, eval_sources)
@@ -130,15 +132,18 @@ def _resume(cfg, run_dir: Path, parts, module, meters, world: int, force: bool):
     and a fresh run over an earlier run's files (unless ``force``)."""
     from loaders.errors import ConfigError
 
-    path = resume_target(cfg.train.resume, run_dir)
+    path, ckpt = load_resume(cfg.train.resume, run_dir)
     if path is None:
         check_fresh(run_dir, resume=cfg.train.resume, force=force)
         return None, 0
-    ckpt = load_checkpoint(path)
     check_resume(path, ckpt, to_dict(cfg), world)
     start = int(ckpt["step"])
-    if start >= parts.total:
-        raise ConfigError(f"{path} is at step {start}; the run has {parts.total} steps: nothing to do")
+    if start > parts.total:
+        raise ConfigError(f"{path} is at step {start}, past the run's {parts.total} steps (train.steps or "
+                          f"data.budget shrank?)")
+    if start == parts.total and not _complete(cfg, run_dir):
+        print(f"fastssl: {path} is the run's final step: finishing it (backbone export, evaluation)",
+              file=sys.stderr)
     note = world_change_note(ckpt, world, int(cfg.data.get("batch_size", 256)))
     if note:
         print(f"fastssl: {note}", file=sys.stderr)
@@ -149,6 +154,20 @@ def _resume(cfg, run_dir: Path, parts, module, meters, world: int, force: bool):
     except ValueError as e:  # the plan refuses another mixture
         raise ConfigError(f"cannot resume from {path}: {e}") from e
     return ckpt, start
+
+
+def _complete(cfg, run_dir: Path) -> bool:
+    return run_is_complete(run_dir, eval_enabled=bool(cfg.eval.enabled and cfg.eval.train))
+
+
+def _already_complete(cfg, run_dir: Path, parts, step: int, main: bool) -> TrainResult:
+    """``--resume auto`` on a finished run (a preemption-retry loop): nothing to redo, exit 0."""
+    import json
+    metrics = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
+    if main:
+        print(f"fastssl: the run in {run_dir} is complete (step {step} of {parts.total}, backbone.pt"
+              f"{', eval.json' if metrics else ''} written): nothing to do", file=sys.stderr)
+    return TrainResult(run_dir=run_dir, step=step, metrics=metrics, method=parts.method)
 
 
 def _setup_recipes(parts, accelerator, world: int, ckpt) -> None:
