@@ -182,6 +182,7 @@ class Loop:
         if epoch_len > 0:
             before, after = ((done - 1) * p.images_per_step) // epoch_len, (done * p.images_per_step) // epoch_len
             for epoch in range(before + 1, after + 1):
+                self.step_fn.inner.method.on_epoch_end(epoch)
                 for r in p.recipes:
                     r.end_epoch(epoch)
         if self.bar is not None:

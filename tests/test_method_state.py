@@ -27,6 +27,7 @@ LOG_KEYS = {
     "vicreg": {"vicreg", "invariance", "variance", "covariance"},
     "dino": {"dino", "tau", "teacher_temp", "frozen"},
     "swav": {"swav", "frozen"},
+    "sdclr": {"sdclr", "nt_xent", "pruned_fraction"},
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")

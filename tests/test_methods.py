@@ -150,6 +150,10 @@ def test_param_groups_cover_trainable_params_once(name):
                                  "tau_base": 0.99, "tau_final": 1.0}),
     ("barlow", "lars", 0.3, 1e-4, {"proj_hidden_dim": 2048, "proj_output_dim": 2048, "lambd": 0.0051,
                                    "scale": 0.1}),
+    # SDCLR / BCL-D (BCL paper): SGD lr 0.5 at batch 512, momentum 0.9, projector 512 -> 128 with BN
+    ("sdclr", "sgd", 0.5, 1e-4, {"momentum": 0.9, "exclude_bias_norm": False, "temperature": 0.2,
+                                 "proj_hidden_dim": 512, "proj_output_dim": 128, "proj_bn": True,
+                                 "proj_last_bn": True, "prune_ratio": 0.9}),
 ])
 def test_reference_recipes(name, opt, lr512, wd, extra):
     """REFERENCE §1 numbers: lr per 256 x 2 = the table's lr at batch 2 x 256."""

@@ -32,9 +32,10 @@ SMALL = {  # tiny heads so that a step takes milliseconds
              "teacher_temp_warmup": 0.75},
     "swav": {"proj_hidden_dim": 32, "proj_output_dim": 16, "n_prototypes": 16, "freeze_prototypes": 0.5},
     "simsiam": {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 8},
+    "sdclr": {"proj_hidden_dim": 32, "proj_output_dim": 16},
 }
 MULTI_CROP = {"dino": "dino_multicrop", "swav": "swav_multicrop"}
-CASES = sorted(METHODS) + ["simclr+bcl"]
+CASES = sorted(METHODS) + ["simclr+bcl", "sdclr+bcl"]   # BCL-I and BCL-D
 
 
 def test_every_method_is_covered():
@@ -58,7 +59,7 @@ def _config(tmp_path, case):
     }
     if case.endswith("+bcl"):  # 64 samples, 16 per step: an epoch every 4 steps
         cfg["recipes"] = [{"name": "bcl", "beta": 0.97}]
-        cfg["augment"]["preset"] = "bcl"
+        cfg["augment"]["preset"] = "bcl_d" if name == "sdclr" else "bcl"
     path = tmp_path / f"{case}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

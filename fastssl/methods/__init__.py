@@ -48,5 +48,5 @@ def build_method(name: str, *, backbone: nn.Module, feat_dim: int, **hparams) ->
 
 
 # register the built-in methods
-for _mod in ("simclr", "mocov2", "byol", "barlow", "vicreg", "mocov3", "dino", "swav", "simsiam"):
+for _mod in ("simclr", "mocov2", "byol", "barlow", "vicreg", "mocov3", "dino", "swav", "simsiam", "sdclr"):
     importlib.import_module(f"fastssl.methods.{_mod}")

@@ -166,6 +166,11 @@ class Method(nn.Module):
         entirely: no weight decay, no momentum, no step count. ``forward`` still uses those
         parameters normally, so DistributedDataParallel sees them used."""
 
+    def on_epoch_end(self, epoch: int) -> None:
+        """Hook called when an epoch of the data plan ends (``epoch`` counts from 1), after that
+        step's update and before the recipes' ``end_epoch``; on every rank. Base: no-op (SDCLR
+        re-prunes here). State it changes must be in ``state_dict()`` (buffers or extra state)."""
+
     # -- state -----------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
         """``{"progress": float, "tau": float}``: the schedule state that is not a tensor (stored

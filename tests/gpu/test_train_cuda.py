@@ -21,6 +21,7 @@ SMALL = {
     "dino": {"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32},
     "swav": {"proj_hidden_dim": 64, "proj_output_dim": 32, "n_prototypes": 32},
     "simsiam": {"proj_hidden_dim": 64, "proj_output_dim": 32, "pred_hidden_dim": 16},
+    "sdclr": {"proj_hidden_dim": 64, "proj_output_dim": 32},
 }
 MULTI_CROP = {"dino": "dino_multicrop", "swav": "swav_multicrop"}
 
