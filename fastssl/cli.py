@@ -35,12 +35,32 @@ def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval", help="kNN and linear-probe top-1 of a checkpoint on frozen features",
         description="Extract features of unaugmented images (the config's eval.train and eval.test "
-                    "sources) and print kNN top-1 and linear-probe top-1.")
+                    "sources) and print kNN top-1 and linear-probe top-1, then a table of every number "
+                    "with its definition. Long-tail protocol (BCL): --few-shot and --groups (they override "
+                    "eval.few_shot / eval.groups of the run's config). The numbers and definitions are "
+                    "written to --out, by default RUN/eval_cli.json when CHECKPOINT is a run directory "
+                    "(the trainer's eval.json is left as it is).")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a training checkpoint (.pt), a backbone.pt next to its config.yaml, or a run directory")
     p.add_argument("--data", metavar="YAML", default=None,
                    help="YAML with 'train:' and 'test:' source configs (overrides the run's eval data)")
-    p.add_argument("--no-linear", action="store_true", help="kNN only (skip the linear probe)")
+    p.add_argument("--no-linear", action="store_true",
+                   help="kNN only: no linear probe, so no few-shot probes either (kNN group accuracies remain)")
+    p.add_argument("--few-shot", metavar="N", type=int, nargs="*", default=None,
+                   help="linear probes on balanced N-per-class subsets of eval.train, e.g. --few-shot 100 50 "
+                        "(eval.few_shot; the flag alone: none)")
+    p.add_argument("--few-shot-seeds", metavar="S", type=int, default=None,
+                   help="subset seeds averaged per few-shot size (eval.few_shot_seeds, default 5)")
+    p.add_argument("--groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="accuracies over many / medium / few classes, counted in the run's pretraining data "
+                        "(else in eval.train's labels) (eval.groups)")
+    p.add_argument("--group-many", metavar="M", type=int, default=None,
+                   help="many: more than M images per class (eval.group_many, default 100)")
+    p.add_argument("--group-few", metavar="F", type=int, default=None,
+                   help="few: fewer than F images per class (eval.group_few, default 20)")
+    p.add_argument("--out", metavar="JSON", default=None,
+                   help="write every number and its definition here (default: RUN/eval_cli.json for a run "
+                        "directory, no file for a checkpoint file)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=_cmd_eval)
 
@@ -104,14 +124,35 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .config import load_yaml
-    from .eval import evaluate_checkpoint
+    from pathlib import Path
 
+    from loaders.errors import ConfigError
+
+    from .config import load_yaml
+    from .eval import evaluate_checkpoint, format_table, write_json
+
+    flags = {"few_shot": args.few_shot, "few_shot_seeds": args.few_shot_seeds, "groups": args.groups,
+             "group_many": args.group_many, "group_few": args.group_few}
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if args.few_shot and args.no_linear:
+        raise ConfigError("--few-shot: few-shot accuracies are linear probes; drop --no-linear")
+    if args.few_shot:
+        overrides["linear"] = True      # asked for probes: run them even if the run's eval.linear is off
+    if args.no_linear:
+        overrides["few_shot"] = []
+    target = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (target / "eval_cli.json" if target.is_dir() else None)
+    if out is not None and not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: folder {out.parent} does not exist")
     data = load_yaml(args.data) if args.data else None
-    res = evaluate_checkpoint(args.checkpoint, data=data, linear=not args.no_linear, device=args.device)
-    print(f"kNN top-1: {100 * res['knn_top1']:.2f}%")
-    if res.get("linear_top1") is not None:
-        print(f"linear-probe top-1: {100 * res['linear_top1']:.2f}%")
+    doc = evaluate_checkpoint(args.checkpoint, data=data, linear=not args.no_linear, device=args.device,
+                              overrides=overrides)
+    print(f"kNN top-1: {100 * doc['eval/knn_top1']:.2f}%")
+    if doc.get("eval/linear_top1") is not None:
+        print(f"linear-probe top-1: {100 * doc['eval/linear_top1']:.2f}%")
+    print(format_table({k: v for k, v in doc.items() if k.startswith("eval/")}, doc["definitions"]))
+    if out is not None:
+        print(f"wrote {write_json(out, doc)}")
     return 0
 
 

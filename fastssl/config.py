@@ -179,6 +179,15 @@ class EvalConfig:
     #: normalisation of the eval images (None = the augment preset's mean/std)
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
+    #: long-tail protocol (BCL): linear probes on balanced n-per-class subsets of ``train``
+    #: (e.g. [100, 50]), each the mean over ``few_shot_seeds`` subset seeds
+    few_shot: List[int] = field(default_factory=list)
+    few_shot_seeds: int = 5
+    #: accuracies over many (> group_many images per class) / medium / few (< group_few)
+    #: classes, counted in the pretraining split (see fastssl.eval.final_eval)
+    groups: bool = False
+    group_many: int = 100
+    group_few: int = 20
 
 
 @dataclass
@@ -605,15 +614,34 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'train.checkpoint_every': must be >= 0, got {t.checkpoint_every}")
     if t.keep_checkpoints < 0:
         raise ConfigError(f"config key 'train.keep_checkpoints': must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
-    if cfg.eval.linear_optimizer not in ("adam", "sgd"):
-        raise ConfigError(f"config key 'eval.linear_optimizer': expected adam or sgd, "
-                          f"got {cfg.eval.linear_optimizer!r}")
+    validate_eval(cfg.eval)
     if cfg.log.every < 1:
         raise ConfigError(f"config key 'log.every': must be >= 1, got {cfg.log.every}")
     if cfg.log.wandb not in (None, "offline", "online"):
         raise ConfigError(f"config key 'log.wandb': expected null, offline or online, got {cfg.log.wandb!r}")
     if cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps < 0:
         raise ConfigError(f"config key 'optim.warmup_steps': must be >= 0, got {cfg.optim.warmup_steps}")
+
+
+def validate_eval(ev: EvalConfig) -> None:
+    """Value checks of the ``eval`` section (also run on ``fastssl eval``'s flag overrides)."""
+    if ev.linear_optimizer not in ("adam", "sgd"):
+        raise ConfigError(f"config key 'eval.linear_optimizer': expected adam or sgd, got {ev.linear_optimizer!r}")
+    bad = [n for n in ev.few_shot if n < 1]
+    if bad:
+        raise ConfigError(f"config key 'eval.few_shot': shots per class must be >= 1, got {ev.few_shot}")
+    if len(set(ev.few_shot)) != len(ev.few_shot):
+        raise ConfigError(f"config key 'eval.few_shot': each shot count once, got {ev.few_shot}")
+    if ev.few_shot and not ev.linear:
+        raise ConfigError(f"config key 'eval.few_shot': few-shot accuracies are linear probes; "
+                          f"set eval.linear: true or eval.few_shot: [] (got {ev.few_shot})")
+    if ev.few_shot_seeds < 1:
+        raise ConfigError(f"config key 'eval.few_shot_seeds': must be >= 1, got {ev.few_shot_seeds}")
+    if ev.group_few < 1:
+        raise ConfigError(f"config key 'eval.group_few': must be >= 1, got {ev.group_few}")
+    if ev.group_many <= ev.group_few:
+        raise ConfigError(f"config key 'eval.group_many': must be > eval.group_few ({ev.group_few}), "
+                          f"got {ev.group_many}")
 
 
 def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = (),

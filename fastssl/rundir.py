@@ -26,7 +26,7 @@ __all__ = ["RUN_FILES", "existing_run_files", "load_resume", "check_fresh", "cle
 
 #: what a run writes into its directory (removed by --force)
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "metrics.png", "tb", "wandb", "checkpoints",
-             "backbone.pt", "backbone.json", "eval.json")
+             "backbone.pt", "backbone.json", "eval.json", "eval_cli.json")
 
 
 def existing_run_files(run_dir: Path) -> List[str]:

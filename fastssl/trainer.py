@@ -163,7 +163,8 @@ def _complete(cfg, run_dir: Path) -> bool:
 def _already_complete(cfg, run_dir: Path, parts, step: int, main: bool) -> TrainResult:
     """``--resume auto`` on a finished run (a preemption-retry loop): nothing to redo, exit 0."""
     import json
-    metrics = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
+    saved = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
+    metrics = {k: v for k, v in saved.items() if isinstance(v, (int, float))}
     if main:
         print(f"fastssl: the run in {run_dir} is complete (step {step} of {parts.total}, backbone.pt"
               f"{', eval.json' if metrics else ''} written): nothing to do", file=sys.stderr)
@@ -241,7 +242,7 @@ def _run(cfg, run_dir, parts, module, meters, accelerator, ckpt, start, eval_sou
 
 
 def _finish(cfg, run_dir, parts, loop, accelerator, start, done, elapsed, eval_sources) -> TrainResult:
-    from .eval import final_eval
+    from .eval import final_eval, mixture_class_counts
 
     method = loop.step_fn.inner.method
     ips = loop.images_total / max(elapsed, 1e-9)
@@ -256,7 +257,9 @@ def _finish(cfg, run_dir, parts, loop, accelerator, start, done, elapsed, eval_s
         print(f"trained {done - start} steps, {loop.images_total} images in {elapsed:.1f} s: "
               f"{ips:.1f} images/sec (all ranks, data + augmentation + model)", flush=True)
         if eval_sources is not None:
+            counts = mixture_class_counts(parts.loader.sources, parts.loader.mixture) if cfg.eval.groups else None
             result.metrics.update(final_eval(cfg, method.backbone, eval_sources, accelerator.device,
-                                             run_dir=run_dir, aug=parts.aug))
+                                             run_dir=run_dir, aug=parts.aug, train_counts=counts,
+                                             counts_origin="the pretraining mixture (data.sources)"))
     accelerator.wait_for_everyone()
     return result
