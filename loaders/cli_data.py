@@ -12,6 +12,11 @@ A source is given as ``--source type=folder,root=DIR`` (``key=value`` pairs; int
 true/false/null are converted) or as a YAML file holding one source mapping. Other parts add
 commands with :func:`register_data_command` (e.g. ``beton`` by the FFCV backend) before
 :func:`add_subcommands` runs. Standalone: ``python -m loaders.cli_data ...``.
+
+Every command with an ``--out`` owns it: a non-empty output is refused unless ``--overwrite``
+(replace what an earlier conversion wrote; files no converter manifest lists are never
+deleted) or ``--resume`` (continue an interrupted conversion; a single-file output is simply
+written again). See :mod:`loaders.convert`.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import argparse
 import os
 import sys
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -27,12 +33,12 @@ from .base import Source, build_source
 from .errors import ConfigError, DataError
 
 __all__ = ["register_data_command", "add_subcommands", "parse_source_spec", "load_source", "main",
-           "DATA_COMMANDS"]
+           "DATA_COMMANDS", "existing_mode"]
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
-#: name -> (help, add_args_fn, run_fn)
+#: name -> (help, add_args_fn, run_fn, output)
 DATA_COMMANDS: "OrderedDict[str, tuple]" = OrderedDict()
 
 
@@ -40,17 +46,65 @@ DATA_COMMANDS: "OrderedDict[str, tuple]" = OrderedDict()
 PLUGIN_MODULES = ("loaders.beton",)
 
 
-def register_data_command(name: str, add_args_fn, run_fn: Optional[Run] = None, *, help: str = "") -> None:
+#: ``output=`` values of :func:`register_data_command`
+OUTPUT_KINDS = ("auto", "file", "self", None)
+
+
+def register_data_command(name: str, add_args_fn, run_fn: Optional[Run] = None, *, help: str = "",
+                          output: Optional[str] = "auto") -> None:
     """Add ``fastssl data NAME``.
 
     With ``run_fn``: ``add_args_fn(parser)`` declares the arguments of the ``NAME`` parser and
     ``run_fn(args)`` runs it, returning an exit code. Without ``run_fn``: ``add_args_fn(subparsers)``
     adds the ``NAME`` parser itself and sets its ``func`` default. Either way errors become
     exit code 2. Must run before :func:`add_subcommands` (or live in :data:`PLUGIN_MODULES`).
+
+    ``output`` (commands with ``run_fn``): ``"file"`` -- ``--out`` names one file: the command
+    gets ``--overwrite``/``--resume`` and an existing ``--out`` is refused without one of them
+    before ``run_fn`` runs; ``"auto"`` -- ``"file"`` when the parser has an ``--out`` option;
+    ``"self"`` -- the command gets the two flags and handles them itself (``args.overwrite``,
+    ``args.resume``; :func:`existing_mode`); ``None`` -- neither.
     """
     if name in DATA_COMMANDS:
         raise ValueError(f"data command '{name}' registered twice")
-    DATA_COMMANDS[name] = (help, add_args_fn, run_fn)
+    if output not in OUTPUT_KINDS:
+        raise ValueError(f"data command '{name}': output must be one of {OUTPUT_KINDS}, got {output!r}")
+    DATA_COMMANDS[name] = (help, add_args_fn, run_fn, output)
+
+
+def existing_mode(args: argparse.Namespace) -> str:
+    """``"overwrite"``, ``"resume"`` or ``"refuse"`` from ``--overwrite``/``--resume``."""
+    if getattr(args, "overwrite", False):
+        return "overwrite"
+    return "resume" if getattr(args, "resume", False) else "refuse"
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    try:
+        g.add_argument("--overwrite", action="store_true",
+                       help="replace an existing --out (of a directory, only the files its MANIFEST.json lists)")
+        g.add_argument("--resume", action="store_true",
+                       help="continue an interrupted conversion into --out (same source and settings; "
+                            "a single-file output is written again)")
+    except argparse.ArgumentError:  # the command declares them itself
+        pass
+
+
+def _has_option(p: argparse.ArgumentParser, option: str) -> bool:
+    return any(option in a.option_strings for a in p._actions)
+
+
+def _file_output_guard(run_fn: Run) -> Run:
+    """Refuse an existing ``--out`` file unless ``--overwrite`` or ``--resume`` (single-file outputs)."""
+    def run(args: argparse.Namespace) -> int:
+        out = getattr(args, "out", None)
+        if out is not None:
+            from .convert import check_output_file
+            check_output_file(Path(out), existing_mode(args))
+        return run_fn(args)
+    run.__name__ = getattr(run_fn, "__name__", "run")
+    return run
 
 
 def _guarded(run_fn: Run) -> Run:
@@ -85,7 +139,7 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
             print(f"note: data commands of {module} unavailable ({e})", file=sys.stderr)
     sub = parser.add_subparsers(dest="data_command", metavar="COMMAND")
     sub.required = True
-    for name, (help_, add_args, run_fn) in DATA_COMMANDS.items():
+    for name, (help_, add_args, run_fn, output) in DATA_COMMANDS.items():
         if run_fn is None:
             add_args(sub)
             sp = sub.choices.get(name)
@@ -94,7 +148,11 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
             continue
         sp = sub.add_parser(name, help=help_, description=help_)
         add_args(sp)
-        sp.set_defaults(func=_guarded(run_fn))
+        if output == "auto":
+            output = "file" if _has_option(sp, "--out") else None
+        if output is not None:
+            _add_output_flags(sp)
+        sp.set_defaults(func=_guarded(_file_output_guard(run_fn) if output == "file" else run_fn))
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +218,9 @@ def _add_shards_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, help="type=folder,root=DIR style spec or a YAML file")
     p.add_argument("--out", required=True, help="output directory for the shards")
     _add_encoding_args(p)
-    p.add_argument("--resize", type=int, default=None, help="resize the shorter side to this many pixels")
+    p.add_argument("--resize", type=int, default=None,
+                   help="resize the shorter side to this many pixels (the longer one as torchvision's Resize: "
+                        "truncated)")
     p.add_argument("--workers", type=int, default=1, help="encoding threads (default 1)")
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="unreadable samples")
 
@@ -170,7 +230,8 @@ def run_shards(args: argparse.Namespace) -> int:
     src = load_source(args.source)
     paths = to_shards(src, args.out, samples_per_shard=args.samples_per_shard, fmt=args.format,
                       quality=args.quality, resize=args.resize, prefix=args.prefix,
-                      progress=not args.no_progress, on_error=args.on_error, workers=args.workers)
+                      progress=not args.no_progress, on_error=args.on_error, workers=args.workers,
+                      existing=existing_mode(args))
     print(f"wrote {len(paths)} shards ({len(src)} samples max) to {args.out}")
     return 0
 
@@ -194,12 +255,36 @@ def _add_npz_args(p: argparse.ArgumentParser) -> None:
 def run_npz(args: argparse.Namespace) -> int:
     from .convert import folder_to_npz, source_to_npz
     kw = dict(size=args.size, label=args.label, progress=not args.no_progress, on_error=args.on_error,
-              workers=args.workers)
+              workers=args.workers, existing=existing_mode(args))
     if args.root is not None:
         out = folder_to_npz(args.root, args.out, **kw)
     else:
         out = source_to_npz(load_source(args.source), args.out, **kw)
     print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# longtail
+# --------------------------------------------------------------------------------------------
+
+def _add_longtail_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True, help="a labelled source spec, e.g. type=cifar,root=data/cifar100")
+    p.add_argument("--imbalance", type=float, default=100.0, help="head / tail count ratio (default 100)")
+    p.add_argument("--split", type=int, default=1, help="split number: the seed of which samples are kept (1..5)")
+    p.add_argument("--max-per-class", type=int, default=None,
+                   help="head class count (default: 90%% of the largest class, the BCL/SDCLR splits)")
+    p.add_argument("--out", required=True, help="output .npz; the counts go to <out stem>.counts.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_longtail(args: argparse.Namespace) -> int:
+    from .longtail import write_longtail
+    rec = write_longtail(load_source(args.source), args.out, imbalance=args.imbalance, split=args.split,
+                         max_per_class=args.max_per_class, progress=not args.no_progress)
+    counts = rec["counts"]
+    print(f"wrote {args.out}: {rec['total']} images, split {rec['split']}, {rec['formula']}")
+    print(f"per-class counts (class 0 .. {len(counts) - 1}): {counts}")
     return 0
 
 
@@ -225,14 +310,14 @@ def run_synthetic(args: argparse.Namespace) -> int:
     from .synthetic import SyntheticSource
     src = SyntheticSource(n=args.n, size=args.size, seed=args.seed, variant=args.variant, split=args.split,
                           num_classes=args.num_classes, keep_labels=args.keep_labels)
-    progress = not args.no_progress
+    progress, existing = not args.no_progress, existing_mode(args)
     if args.to == "shards":
         to_shards(src, args.out, samples_per_shard=args.samples_per_shard, fmt=args.format, quality=args.quality,
-                  prefix=args.prefix, progress=progress)
+                  prefix=args.prefix, progress=progress, existing=existing)
     elif args.to == "npz":
-        source_to_npz(src, args.out, progress=progress)
+        source_to_npz(src, args.out, progress=progress, existing=existing)
     else:
-        to_folder(src, args.out, fmt=args.format, quality=args.quality, progress=progress)
+        to_folder(src, args.out, fmt=args.format, quality=args.quality, progress=progress, existing=existing)
     print(f"wrote {len(src)} synthetic images ({args.variant}, {args.split}) to {args.out}")
     return 0
 
@@ -262,11 +347,16 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-register_data_command("shards", _add_shards_args, run_shards, help="any source -> WebDataset shards with index")
-register_data_command("npz", _add_npz_args, run_npz, help="image folder (or any source) -> RGB .npz")
+register_data_command("shards", _add_shards_args, run_shards, help="any source -> WebDataset shards with index",
+                      output="self")
+register_data_command("npz", _add_npz_args, run_npz, help="image folder (or any source) -> RGB .npz",
+                      output="self")
 register_data_command("synthetic", _add_synthetic_args, run_synthetic,
-                      help="write the synthetic set as shards, .npz or an image folder")
-register_data_command("info", _add_info_args, run_info, help="length, label histogram and first samples of a source")
+                      help="write the synthetic set as shards, .npz or an image folder", output="self")
+register_data_command("longtail", _add_longtail_args, run_longtail,
+                      help="a long-tailed split of a labelled source -> .npz + per-class counts", output="file")
+register_data_command("info", _add_info_args, run_info, help="length, label histogram and first samples of a source",
+                      output=None)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

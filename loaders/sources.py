@@ -5,6 +5,16 @@ cheap to pickle: file lists are held as one bytes blob plus an offset table (not
 Python strings), large arrays are memory-mapped or loaded lazily in the process that reads
 them, and no file handle survives pickling. Registered types: ``folder``, ``csv``, ``npz``,
 ``cifar`` (see :func:`loaders.base.build_source`).
+
+The ``folder`` source lists samples in ``torchvision.datasets.ImageFolder``'s order, with its
+class indices: classes are the sorted sub-folder names, and within a class the sub-folders are
+visited in the order of their sorted full paths (``sorted(os.walk(...))``), files sorted by name
+in each. Changed: earlier versions walked nested sub-folders depth-first, which differs when a
+sibling's name holds a character that sorts before ``/`` (``a/x/1.png`` came before
+``a-b/2.png``; now after it, as in torchvision), so the sample indices of such folder sources
+(and plans or resume states recorded with them) changed. One deliberate difference remains:
+names starting with ``.`` (``.ipynb_checkpoints/``, macOS ``._x.jpg`` files) are skipped, where
+torchvision counts such a folder as a class and lists such files.
 """
 from __future__ import annotations
 
@@ -66,10 +76,15 @@ def _readable_bytes(path: str, *, index: int) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 def _list_images(directory: str, extensions: Sequence[str]) -> List[str]:
-    """All image files under ``directory`` (recursive, symlinks followed), sorted, relative paths."""
-    out = []
+    """All image files under ``directory`` (recursive, symlinks followed) as relative paths, in
+    torchvision's ``make_dataset`` order: folders by sorted full path, then files by name."""
+    walked = []
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        walked.append((dirpath, filenames))
+    walked.sort(key=lambda entry: entry[0])  # "c/a-b" < "c/a/x": '-' sorts before '/'
+    out = []
+    for dirpath, filenames in walked:
         rel = os.path.relpath(dirpath, directory)
         for fn in sorted(filenames):
             if not fn.startswith(".") and fn.lower().endswith(tuple(extensions)):
@@ -82,9 +97,10 @@ class ImageFolderSource(Source):
     """torchvision-style image folder: ``root/<class>/**/<image>``.
 
     Class subfolders sorted by name get labels ``0..C-1`` (``classes[label]`` is the folder
-    name). A folder holding images directly and no class subfolders is read as unlabelled
-    (label ``-1``; e.g. a folder of generated images). ``read(i)`` returns the file's encoded
-    bytes; any PIL-readable format decodes.
+    name); samples come in ``torchvision.datasets.ImageFolder``'s order (module docstring). A
+    folder holding images directly and no class subfolders is read as unlabelled (label ``-1``;
+    e.g. a folder of generated images). ``read(i)`` returns the file's encoded bytes; any
+    PIL-readable format decodes.
     """
 
     config_keys = ("root", "name", "extensions")

@@ -60,7 +60,7 @@ def test_roundtrip_png_exact_and_index(tmp_path):
         with np.load(index_path(p)) as z:
             written = {k: z[k] for k in z.files}
         scanned = build_index(p)
-        for k in ("key", "ext", "offset", "size", "label", "tar_size"):
+        for k in ("key", "ext", "offset", "size", "label", "tag", "tar_size", "tar_mtime_ns", "fingerprint"):
             np.testing.assert_array_equal(written[k], scanned[k])
     # glob and list forms; pickled clones read the same bytes in a fresh state
     assert len(ShardSource(path=str(tmp_path / "shard-00000[01].tar"))) == 6
@@ -129,15 +129,19 @@ def test_gnu_tar_output_gets_index(tmp_path):
         np.testing.assert_array_equal(src.decode(i)[0], imgs[i])
 
 
-def test_index_kept_in_memory_when_directory_is_read_only(tmp_path, monkeypatch):
-    paths = _write(tmp_path, _images(2), [0, 1])
-    os.remove(index_path(paths[0]))
+def test_index_kept_in_memory_when_directory_is_read_only(tmp_path, monkeypatch, capsys):
+    paths = _write(tmp_path, _images(2), [0, 1], per_shard=1)
+    for p in paths:
+        os.remove(index_path(p))
 
-    def refuse(path, write_fn):
-        raise PermissionError(f"read-only: {path}")
+    def refuse(path, write_fn, **kw):
+        raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(shards_mod, "atomic_write", refuse)
     src = ShardSource(path=tmp_path)
     assert len(src) == 2 and not index_path(paths[0]).exists()
+    ShardSource(path=tmp_path)
+    err = capsys.readouterr().err
+    assert err.count("kept in memory") == 1 and "Permission denied" in err  # said once, naming the index
 
 
 def test_stale_index_is_rebuilt(tmp_path):
