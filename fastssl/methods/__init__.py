@@ -8,6 +8,7 @@ keyword arguments are the method's constructor arguments or recipe keys (``optim
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 import torch.nn as nn
 
@@ -47,6 +48,6 @@ def build_method(name: str, *, backbone: nn.Module, feat_dim: int, **hparams) ->
     return method
 
 
-# register the built-in methods
-for _mod in ("simclr", "mocov2", "byol", "barlow", "vicreg", "mocov3", "dino", "swav", "simsiam", "sdclr"):
+# register the built-in methods: every module of this package but the interface
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"):
     importlib.import_module(f"fastssl.methods.{_mod}")

@@ -34,6 +34,7 @@ keyword arguments in ``__init__``; config keys other than ``name`` go to the con
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
@@ -129,5 +130,6 @@ def build_recipes(entries: Sequence[Dict[str, Any]]) -> List[Recipe]:
     return out
 
 
-for _mod in ("bcl",):
+# register the built-in recipes: every module of this package
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"fastssl.recipes.{_mod}")
