@@ -28,6 +28,10 @@ from .state import collect_state
 __all__ = ["Loop", "NonFiniteLoss", "device_batches", "with_state"]
 
 
+class _PlanEnded(Exception):
+    """The loader has no batch left (the plan's budget is used up)."""
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
@@ -106,8 +110,12 @@ class Loop:
                                start=p.recipe["warmup_start"], final=p.recipe["final_lr"])
             for g, s in zip(p.optimizer.param_groups, p.lr_scale):
                 g["lr"] = lr * s
-            for micro in range(self.cfg.train.grad_accum):
-                self._micro(step, micro)
+            try:
+                for micro in range(self.cfg.train.grad_accum):
+                    self._micro(step, micro)
+            except _PlanEnded:
+                self._plan_ended(step, done, lr)
+                break
             done = step + 1
             self._end_of_step(done, lr)
             if self.cfg.train.stop_after is not None and done >= self.cfg.train.stop_after:
@@ -119,12 +127,26 @@ class Loop:
         try:
             return next(self.batches)
         except StopIteration:
-            raise self._error_ran_out(step) from None
+            raise _PlanEnded() from None
 
-    def _error_ran_out(self, step: int):
+    def _plan_ended(self, step: int, done: int, lr: float) -> None:
+        """The plan has no batch left before ``total``. A budget-sized run on one process ends
+        there (samples skipped under ``on_error: skip`` used up plan positions): the last steps
+        are logged and checkpointed. Otherwise it is an error naming the numbers."""
         from loaders.errors import ConfigError
-        return ConfigError(f"the data ran out at step {step} of {self.parts.total}: data.budget is smaller "
-                           f"than train.steps x {self.parts.images_per_step}")
+        p, loader = self.parts, self.parts.loader
+        skipped = int(getattr(loader, "skipped", 0) or 0)
+        if self.cfg.train.steps is not None or self.accelerator.num_processes > 1 or not skipped:
+            why = f" ({skipped} samples skipped)" if skipped else ""
+            raise ConfigError(f"the data ran out at step {step} of {p.total}: data.budget is smaller than "
+                              f"train.steps x {p.images_per_step}{why}")
+        if self.accelerator.is_main_process:
+            print(f"fastssl: the data budget ran out at step {done} of {p.total}: {skipped} skipped samples used "
+                  f"up plan positions; {done * p.images_per_step} images were trained on", file=sys.stderr)
+        if done > self.start and done % self.cfg.log.every:
+            self._log(done, lr, int(getattr(loader.mixture, "epoch_length", 0) or 0))
+        if done > self.start and not (self.cfg.train.checkpoint_every and done % self.cfg.train.checkpoint_every == 0):
+            self._checkpoint(done)
 
     def _micro(self, step: int, micro: int) -> None:
         views, batch = self._next(step)
@@ -204,8 +226,10 @@ class Loop:
         if epoch_len > 0:
             m["epoch"] = done * p.images_per_step / epoch_len
         skipped = getattr(p.loader, "skipped", 0)
-        if skipped:
+        if skipped:  # this rank's samples replaced under on_error: skip, in all and per source
             m["skipped"] = skipped
+            for name, n in (getattr(p.loader, "skipped_by_source", None) or {}).items():
+                m[f"skipped/{name}"] = n
         for r in p.recipes:
             m.update({k: float(v) for k, v in r.metrics().items()})
             for k, v in r.histograms().items():
@@ -225,6 +249,13 @@ class Loop:
             f"Last good checkpoint: {self.last_ckpt or 'none written yet'}. "
             f"Lower optim.lr or raise optim.warmup_steps, then resume from it.")
 
+    def _all_loader_states(self) -> List[Dict[str, Any]]:
+        """The loader state of every rank, in rank order (one collective at checkpoint steps)."""
+        if self.accelerator.num_processes == 1:
+            return [self.loader_state]
+        from accelerate.utils import gather_object
+        return list(gather_object([self.loader_state]))
+
     def _checkpoint(self, done: int) -> None:
         """Every rank joins (so that no rank races ahead); rank 0 writes. A run whose loss went
         non-finite since the last check is stopped instead of saved."""
@@ -232,10 +263,12 @@ class Loop:
         self._stop_if_nonfinite(self.meters.check_finite(), done)
         acc = self.accelerator
         acc.wait_for_everyone()
+        # every rank's cursor: with on_error: skip each rank moves past its own skipped samples
+        loader_states = self._all_loader_states()
         if acc.is_main_process:
             p = self.parts
             state = collect_state(inner=self.step_fn.inner, optimizer=p.optimizer, probe_opt=p.probe_opt,
-                                  scaler=acc.scaler, loader_state=self.loader_state, recipes=p.recipes,
+                                  scaler=acc.scaler, loader_state=loader_states, recipes=p.recipes,
                                   meters=self.meters, config=to_dict(self.cfg), world=acc.num_processes)
             self.last_ckpt = save_checkpoint(self.run_dir, done, state, keep=self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()

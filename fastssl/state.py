@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 from loaders.errors import ConfigError
 
-__all__ = ["collect_state", "restore_state", "resume_conflicts", "check_resume", "world_change_note", "RESUME_KEYS"]
+__all__ = ["collect_state", "restore_state", "loader_state_for", "resume_conflicts", "check_resume",
+           "world_change_note", "RESUME_KEYS"]
 
 #: config keys a resumed run must share with its checkpoint (the sample order, the lr scale or
 #: the model depend on them)
@@ -25,14 +26,18 @@ RESUME_KEYS = ("data.sources", "data.batch_size", "data.seed", "data.epoch_lengt
 
 def collect_state(*, inner, optimizer, probe_opt, scaler, loader_state, recipes, meters,
                   config: Dict[str, Any], world: int) -> Dict[str, Any]:
-    """The checkpoint dict (RNG states and the step are added by ``save_checkpoint``)."""
+    """The checkpoint dict (RNG states and the step are added by ``save_checkpoint``).
+
+    ``loader_state``: one loader state per rank (``loaders``; rank 0's also as ``loader``)."""
+    states = list(loader_state) if isinstance(loader_state, (list, tuple)) else [loader_state]
     return {
         "model": inner.state_dict(),
         "backbone": inner.method.backbone.state_dict(),
         "optimizer": optimizer.state_dict(),
         "probe_optimizer": probe_opt.state_dict() if probe_opt is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "loader": loader_state,
+        "loader": states[0],
+        "loaders": states,
         "recipes": {r.name: r.state_dict() for r in recipes},
         "meters": meters.state_dict(),
         "config": config,
@@ -40,14 +45,23 @@ def collect_state(*, inner, optimizer, probe_opt, scaler, loader_state, recipes,
     }
 
 
-def restore_state(ckpt: Mapping[str, Any], *, module, optimizer, probe_opt, loader, recipes, meters) -> None:
+def loader_state_for(ckpt: Mapping[str, Any], rank: int, world: int) -> Dict[str, Any]:
+    """This rank's saved cursor (the same world size), else rank 0's (the plan maps it)."""
+    states = ckpt.get("loaders") or []
+    if len(states) == world and int(ckpt.get("world_size", world)) == world:
+        return states[rank]
+    return ckpt["loader"]
+
+
+def restore_state(ckpt: Mapping[str, Any], *, module, optimizer, probe_opt, loader, recipes, meters,
+                  rank: int = 0, world: int = 1) -> None:
     """Load a checkpoint into freshly built parts (before ``accelerator.prepare``); the scaler
     and RNG states are applied by the caller after ``prepare``."""
     module.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if probe_opt is not None and ckpt.get("probe_optimizer") is not None:
         probe_opt.load_state_dict(ckpt["probe_optimizer"])
-    loader.load_state_dict(ckpt["loader"])
+    loader.load_state_dict(loader_state_for(ckpt, rank, world))
     saved = ckpt.get("recipes") or {}
     for r in recipes:
         if r.name in saved:

@@ -40,7 +40,7 @@ from .meters import Meters
 from .metrics_log import MetricsLogger
 from .recipes import SetupContext
 from .rundir import check_fresh, clear_run, load_resume, open_indices_log, run_is_complete
-from .state import check_resume, restore_state, world_change_note
+from .state import check_resume, loader_state_for, restore_state, world_change_note
 from .step import TrainModule, TrainStep
 
 __all__ = ["train", "TrainResult", "NonFiniteLoss"]
@@ -119,7 +119,7 @@ def train(cfg: RunConfig, *, out: Optional[str] = None, force: bool = False) -> 
         # SyncBatchNorm runs on CUDA only; CPU (gloo) runs keep per-rank BatchNorm
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     meters = Meters(accelerator.device, len(_source_names(cfg.data)))
-    ckpt, start = _resume(cfg, run_dir, parts, module, meters, world, force)
+    ckpt, start = _resume(cfg, run_dir, parts, module, meters, rank, world, force)
     if ckpt is not None and start == parts.total and _complete(cfg, run_dir):
         return _already_complete(cfg, run_dir, parts, start, main)
     _setup_recipes(parts, accelerator, world, ckpt)
@@ -127,7 +127,7 @@ def train(cfg: RunConfig, *, out: Optional[str] = None, force: bool = False) -> 
     return _run(cfg, run_dir, parts, module, meters, accelerator, ckpt, start, eval_sources)
 
 
-def _resume(cfg, run_dir: Path, parts, module, meters, world: int, force: bool):
+def _resume(cfg, run_dir: Path, parts, module, meters, rank: int, world: int, force: bool):
     """``(checkpoint or None, start step)``; refuses what would silently change the experiment
     and a fresh run over an earlier run's files (unless ``force``)."""
     from loaders.errors import ConfigError
@@ -149,8 +149,8 @@ def _resume(cfg, run_dir: Path, parts, module, meters, world: int, force: bool):
         print(f"fastssl: {note}", file=sys.stderr)
     ckpt["_path"] = path
     try:  # recipes load their state in _setup_recipes, after set-up sized their tables
-        restore_state(ckpt, module=module, optimizer=parts.optimizer,
-                      probe_opt=parts.probe_opt, loader=parts.loader, recipes=[], meters=meters)
+        restore_state(ckpt, module=module, optimizer=parts.optimizer, probe_opt=parts.probe_opt,
+                      loader=parts.loader, recipes=[], meters=meters, rank=rank, world=world)
     except ValueError as e:  # the plan refuses another mixture
         raise ConfigError(f"cannot resume from {path}: {e}") from e
     return ckpt, start
@@ -228,7 +228,7 @@ def _run(cfg, run_dir, parts, module, meters, accelerator, ckpt, start, eval_sou
         bar = tqdm(total=parts.total, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stderr)
     loop = Loop(cfg=cfg, parts=parts, accelerator=accelerator, step_fn=step_fn, meters=meters, logger=logger,
                 batches=batches, run_dir=run_dir, source_names=_source_names(cfg.data), start=start,
-                loader_state=ckpt["loader"] if ckpt is not None else parts.loader.state_dict(),
+                loader_state=loader_state_for(ckpt, rank, world) if ckpt is not None else parts.loader.state_dict(),
                 last_ckpt=ckpt["_path"] if ckpt is not None else None, idx_log=idx_log, bar=bar)
     t0 = time.perf_counter()
     try:

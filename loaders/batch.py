@@ -22,7 +22,8 @@ class Batch:
     index: torch.Tensor
     source: torch.Tensor
     label: torch.Tensor
-    #: samples of this batch that were skipped by ``on_error: skip`` (counted, not returned)
+    #: plan samples that failed under ``on_error: skip`` and were replaced by later ones while this
+    #: batch was filled (counted in the loader's ``skipped``; never returned)
     skipped: int = 0
     meta: dict = field(default_factory=dict)
 

@@ -36,13 +36,22 @@ DALI's own WebDataset reader (``fn.readers.webdataset``) reads shards sequential
 shuffle buffer and cannot weight or resume a mixture; it is offered only as the explicitly
 named :func:`dali_webdataset_pipeline` for plain single-source throughput runs.
 
+Errors and skips: the samples are read here, in Python, by ``num_workers`` threads
+(:class:`~loaders.plan_loader.TimedReader`: each ``source.read`` bounded by ``read_timeout_s``),
+and their image headers parsed, before DALI sees them. Under ``on_error="skip"`` a sample that
+fails there (unreadable, timed out, no parsable header) is left out of its chunk and replaced by the
+plan's next sample (:mod:`loaders.plan_loader`: whole batches, counted per source, the
+``max_skip_fraction`` threshold); under ``"raise"`` a one-line :class:`SampleError` names the
+file, the sample and the source. A file whose header parses but whose pixels DALI's decoder then
+rejects fails the whole pipeline run (DALI has no per-sample error path): it is a
+:class:`DataError`, also under ``skip``.
+
 ``nvidia.dali`` is imported only inside this module's functions; without it a clear ImportError
 names the extra (``pip install 'fastssl[dali]'``).
 """
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -53,7 +62,14 @@ from .base import Source
 from .batch import Batch
 from .crop import CropSpec
 from .errors import ConfigError, DataError, SampleError
-from .plan_loader import PlanLoader
+from .plan_loader import (
+    DEFAULT_MAX_SKIP_FRACTION,
+    DEFAULT_READ_TIMEOUT_S,
+    PlanLoader,
+    TimedReader,
+    one_line,
+    sample_error,
+)
 
 __all__ = ["DaliLoader", "PlanLoader", "ViewRecipe", "recipes_from_augment", "require_dali",
            "dali_webdataset_pipeline", "image_size"]
@@ -86,13 +102,17 @@ def image_size(data) -> Tuple[int, int]:
     return int(h), int(w)
 
 
-def _yields_arrays(source: Source) -> bool:
-    """Whether ``source.read`` returns decoded arrays (probes its first readable sample)."""
+def _yields_arrays(source: Source, reader: Optional[TimedReader] = None) -> bool:
+    """Whether ``source.read`` returns decoded arrays (probes its first readable sample; reads
+    bounded by ``reader``'s timeout)."""
+    reader = reader or TimedReader()
     for i in range(min(len(source), 8)):
-        try:
-            return isinstance(source.read(i)[0], np.ndarray)
-        except SampleError:
+        r = reader.read_all([(source, i)])[0]
+        if isinstance(r, SampleError):
             continue
+        if isinstance(r, BaseException):
+            raise r
+        return isinstance(r[0], np.ndarray)
     return False
 
 
@@ -212,7 +232,8 @@ class DaliLoader(PlanLoader):
     uint8 views; a preset name / Augment / list of :class:`ViewRecipe`: the full recipe in DALI,
     float32 normalised views), ``flip`` (uint8 mode: random horizontal flip p=0.5 per view),
     ``num_threads`` (DALI CPU threads, default ``max(1, num_workers)``), ``prefetch`` (batches
-    DALI prepares ahead). ``num_workers`` threads read samples from the sources.
+    DALI prepares ahead), ``drop_last``, ``read_timeout_s`` and ``max_skip_fraction`` (see
+    :class:`PlanLoader`). ``num_workers`` threads read samples from the sources.
 
     Views: ``[B, 3, S, S]`` per CropSpec (or per recipe), or one ``[B, 3, R, R]`` view resized to
     ``resize``, or the images as they are when all share one size. On the GPU path the views are
@@ -223,57 +244,59 @@ class DaliLoader(PlanLoader):
 
     def __init__(self, sources, mixture, *, batch_size, crops=None, resize=None, rank=0, world_size=1,
                  num_workers=2, seed=0, on_error="raise", pin_memory=False, device_id: Optional[int] = None,
-                 augment=None, flip: bool = False, num_threads: Optional[int] = None, prefetch: int = 2):
+                 augment=None, flip: bool = False, num_threads: Optional[int] = None, prefetch: int = 2,
+                 drop_last: bool = True, read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
+                 max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION):
         require_dali()
         self.recipes = recipes_from_augment(augment) if augment is not None else None
         if self.recipes is not None:
             crops = [r.crop for r in self.recipes]
         super().__init__(sources, mixture, batch_size=batch_size, crops=crops, resize=resize, rank=rank,
                          world_size=world_size, num_workers=num_workers, seed=seed, on_error=on_error,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, drop_last=drop_last, read_timeout_s=read_timeout_s,
+                         max_skip_fraction=max_skip_fraction)
         self.flip = bool(flip)
         self.gpu = device_id is not None and torch.cuda.is_available()
         self.device_id = int(device_id) if self.gpu else None
         self.num_threads = int(num_threads) if num_threads else max(1, self.num_workers)
         self.prefetch = max(1, int(prefetch))
         # arrays can skip the decoder when every source yields arrays (npz, CIFAR, synthetic)
-        self.raw = all(_yields_arrays(s) for s in self.sources)
+        probe = TimedReader(self.read_timeout_s)
+        self.raw = all(_yields_arrays(s, probe) for s in self.sources)
+        self._failed: dict = {}  # chunk -> its failed (slot, reason) pairs, from the feed to _batches
 
     # -- the feed (runs in the thread that calls pipe.run) --------------------------------------
     def _feeder(self, plan):
-        """Callable for ``fn.external_source``: each call returns the next non-empty plan batch as
-        per-sample lists (data, meta int64[5] = index, source, label, plan batch, skipped-in-batch,
-        and per view roi start/end float32[2] (+ recipe parameters))."""
-        pool = ThreadPoolExecutor(self.num_workers) if self.num_workers > 1 else None
+        """Callable for ``fn.external_source``: each call returns the next plan chunk with a readable
+        sample as per-sample lists (data, meta int64[5] = index, source, label, chunk, failed-in-chunk,
+        and per view roi start/end float32[2] (+ recipe parameters)); the chunk's failed slots go
+        to ``self._failed`` (chunks where every sample failed are left out)."""
+        reader = TimedReader(self.read_timeout_s, threads=max(1, self.num_workers))
         ids = self._batch_ids(plan)
         views = self._views_spec()
 
         def feed():
-            skipped = 0
             for b in ids:
                 src, sample, index = plan.batch(b)
-                data, labels, ok = self.read_samples(src, sample, pool)
-                keep = np.flatnonzero(ok)
-                skipped += len(ok) - len(keep)
+                data, labels, failed = self.read_samples(src, sample, reader)
+                hw = self._header_sizes(data, src, sample, failed) if self.crops else None
+                keep = np.ones(len(data), bool)
+                keep[[k for k, _ in failed]] = False
+                keep = np.flatnonzero(keep)
+                if failed:
+                    self._failed[b] = tuple(failed)
                 if len(keep):
                     break
             else:
-                if pool is not None:
-                    pool.shutdown(wait=False)
                 raise StopIteration
             data = [data[k] for k in keep]
             n = len(keep)
-            if self.crops:  # sizes from arrays or image headers, before arrays become PPM
-                try:
-                    hw = np.array([image_size(d) for d in data], np.int64).reshape(-1, 2)
-                except (OSError, ValueError) as e:
-                    raise DataError(f"dali loader: cannot read an image header in plan batch {b} ({e})") from e
-            meta = np.stack([index[keep], src[keep], labels[keep], np.full(n, b), np.zeros(n, np.int64)], 1)
-            meta[0, 4] = skipped  # the batch's skipped count rides on its first row
+            meta = np.stack([index[keep], src[keep], labels[keep], np.full(n, b), np.full(n, len(failed))], 1)
             if not self.raw:
                 data = [_as_ppm(d) if isinstance(d, np.ndarray) else np.frombuffer(d, np.uint8) for d in data]
             out = [data, list(meta)]
             if self.crops:
+                hw = hw[keep]
                 boxes = self.crop_boxes(plan, b, hw[:, 0], hw[:, 1])
                 for box in boxes:
                     start = box[:, :2].astype(np.float32)
@@ -290,6 +313,27 @@ class DaliLoader(PlanLoader):
             return tuple(out)
 
         return feed
+
+    def _header_sizes(self, data: list, src: np.ndarray, sample: np.ndarray, failed: list) -> np.ndarray:
+        """int64 ``[n, 2]`` (height, width) per sample from arrays or image headers (0 where the
+        read failed); an unparsable header is a sample failure (appended to ``failed``, or raised)."""
+        hw = np.zeros((len(data), 2), np.int64)
+        for k, d in enumerate(data):
+            if d is None:
+                continue
+            try:
+                hw[k] = image_size(d)
+            except (OSError, ValueError, SyntaxError) as e:
+                s, j = int(src[k]), int(sample[k])
+                where = self.sources[s].describe(j)
+                err = sample_error(SampleError(f"{where}: sample {j} has no readable image header ({e})",
+                                               path=where, index=j), self.sources[s], j)
+                if self.on_error == "raise":
+                    raise err from None
+                failed.append((k, str(err)))
+                data[k] = None
+        failed.sort()
+        return hw
 
     # -- the graph -------------------------------------------------------------------------------
     def _build(self, plan):
@@ -369,6 +413,7 @@ class DaliLoader(PlanLoader):
     def _batches(self, plan):
         if plan.num_batches == 0:
             return
+        self._failed = {}
         pipe = self._build(plan)
         try:
             while True:
@@ -376,13 +421,17 @@ class DaliLoader(PlanLoader):
                     outs = pipe.run()
                 except StopIteration:
                     return
+                except RuntimeError as e:  # e.g. pixels DALI's decoder rejects: no per-sample recovery
+                    raise DataError(f"dali loader: the DALI pipeline failed ({one_line(e, 240)})") from e
                 meta = np.array(outs[0].as_tensor())
                 views = [self._to_torch(o) for o in outs[1:]]
                 if self.pin_memory and not self.gpu and torch.cuda.is_available():
                     views = [v.pin_memory() for v in views]
                 m = torch.from_numpy(meta)
+                b = int(meta[0, 3])
                 yield Batch(views=views, index=m[:, 0].clone(), source=m[:, 1].clone(), label=m[:, 2].clone(),
-                            skipped=int(meta[0, 4]), meta={"backend": "dali", "batch": int(meta[0, 3])})
+                            skipped=int(meta[0, 4]),
+                            meta={"backend": "dali", "batch": b, "failed": self._failed.pop(b, ())})
         finally:
             del pipe
 

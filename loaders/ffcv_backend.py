@@ -24,6 +24,15 @@ Views are ``uint8 [B, 3, S, S]`` tensors in channels-last memory (a permuted vie
 Colour augmentation is the device engine's job (``aug(batch, step=..., crop=False)``).
 Crop interpolation is OpenCV's area filter whatever ``CropSpec.interpolation`` says.
 
+Errors and skips: samples the writer could not encode (marked in the file) and JPEGs the kernel
+cannot decode fail per sample. Under ``on_error="skip"`` they are left out of their chunk and
+replaced by the plan's next samples (:mod:`loaders.plan_loader`: whole batches, per-source counts,
+the ``max_skip_fraction`` threshold); under ``"raise"`` a one-line :class:`SampleError` names the
+file, the sample and the source. **``read_timeout_s`` is not honoured here**: the samples are
+read from the memory map inside the compiled kernel (page faults, no ``source.read`` call), so a
+hung mount blocks that decode thread in the kernel where no timeout can reach it; the argument is
+accepted and ignored (keep ``.beton`` files on local disks).
+
 FFCV's own Loader stays available for single-file throughput baselines:
 :func:`ffcv_native_loader` (``RandomResizedCropRGBImageDecoder`` + flip, FFCV's RNG, no mixture).
 """
@@ -43,7 +52,7 @@ from .batch import Batch
 from .beton import BetonSource, require_ffcv
 from .crop import CropSpec
 from .errors import ConfigError, DataError, SampleError
-from .plan_loader import PlanLoader
+from .plan_loader import DEFAULT_MAX_SKIP_FRACTION, DEFAULT_READ_TIMEOUT_S, PlanLoader, sample_error
 
 __all__ = ["FFCVLoader", "ffcv_native_loader", "decode_views_kernel"]
 
@@ -117,15 +126,18 @@ class FFCVLoader(PlanLoader):
 
     Shared Loader arguments (see :class:`~loaders.plan_loader.PlanLoader`) plus keyword-only
     ``flip`` (random horizontal flip p=0.5 per view, drawn with the batch's own generator, for a
-    "crop+flip only" pipeline) and ``prefetch`` (batches prepared ahead by the decode threads).
-    ``num_workers`` is the number of decode threads (each builds whole batches; 0 or 1 = one).
+    "crop+flip only" pipeline), ``prefetch`` (batches prepared ahead by the decode threads),
+    ``drop_last`` and ``max_skip_fraction`` (see :class:`PlanLoader`); ``read_timeout_s`` is
+    accepted and ignored (see the module doc). ``num_workers`` is the number of decode threads
+    (each builds whole chunks; 0 or 1 = one).
     """
 
     backend = "ffcv"
 
     def __init__(self, sources: Sequence[Source], mixture, *, batch_size, crops=None, resize=None, rank=0,
                  world_size=1, num_workers=2, seed=0, on_error="raise", pin_memory=False, flip: bool = False,
-                 prefetch: int = 2):
+                 prefetch: int = 2, drop_last: bool = True, read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
+                 max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION):
         require_ffcv()
         bad = [f"{getattr(s, 'name', '?')} ({type(s).__name__})" for s in sources if not isinstance(s, BetonSource)]
         if bad:
@@ -134,7 +146,8 @@ class FFCVLoader(PlanLoader):
                               f"torch or dali)")
         super().__init__(sources, mixture, batch_size=batch_size, crops=crops, resize=resize, rank=rank,
                          world_size=world_size, num_workers=num_workers, seed=seed, on_error=on_error,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, drop_last=drop_last, read_timeout_s=read_timeout_s,
+                         max_skip_fraction=max_skip_fraction)
         self.flip = bool(flip)
         self.prefetch = max(1, int(prefetch))
         files = [s.file for s in self.sources]
@@ -175,32 +188,28 @@ class FFCVLoader(PlanLoader):
         return [(int(heights[0]), int(widths[0]))] if len(heights) else [(1, 1)]
 
     def make_batch(self, plan, b: int, *, parallel: bool = False, scratch: Optional[np.ndarray] = None
-                   ) -> Optional[Batch]:
-        """Batch ``b`` after ``plan``'s cursor (``None`` when every sample was skipped).
+                   ) -> Batch:
+        """Chunk ``b`` after ``plan``'s cursor: its readable samples, the others listed in
+        ``meta["failed"]`` (``on_error="skip"``; no rows at all when every sample failed).
 
         ``parallel``: decode with the ``prange`` kernel on numba's threads, else (default) with the
         serial kernel on the calling thread; ``scratch``: decode buffer ``uint8 [rows,
         max_pixels*3]`` (default: the loader's own, one row per batch sample).
         """
-        src, sample, index = plan.batch(b)
+        src_all, sample_all, index = plan.batch(b)
         files = [s.file for s in self.sources]
         # writer-marked bad samples (index field -1) are known before decoding
-        bad = np.zeros(len(src), bool)
-        for s in np.unique(src):  # vectorised per file, no per-sample Python
-            sel = src == s
-            bad[sel] = files[s].sample_index[sample[sel]] < 0
-        if bad.any():
-            k = int(np.flatnonzero(bad)[0])
-            if self.on_error == "raise":
-                s = self.sources[int(src[k])]
-                raise SampleError(f"{s.describe(int(sample[k]))}: the sample could not be decoded when the file "
-                                  f"was written", path=str(s.path), index=int(sample[k]))
+        bad = np.zeros(len(src_all), bool)
+        for s in np.unique(src_all):  # vectorised per file, no per-sample Python
+            sel = src_all == s
+            bad[sel] = files[s].sample_index[sample_all[sel]] < 0
+        failed = self._failures(np.flatnonzero(bad), src_all, sample_all,
+                                "the sample could not be decoded when the file was written")
         keep = np.flatnonzero(~bad)
-        src, sample, index = src[keep], sample[keep], index[keep]
+        src, sample, index = src_all[keep], sample_all[keep], index[keep]
         n = len(src)
-        skipped = int(bad.sum())
         if n == 0:
-            return None
+            return self._no_rows(b, failed)
         heights = np.empty(n, np.int64)
         widths = np.empty(n, np.int64)
         for s in np.unique(src):  # metadata gathers, vectorised per file
@@ -235,14 +244,8 @@ class FFCVLoader(PlanLoader):
             kernel(np.asarray(f.mmap), f.data_ptr[idx], f.data_size[idx], f.mode[idx], heights[rows], widths[rows],
                    rows.astype(np.int64), np.ascontiguousarray(boxes[rows]), flips[rows].astype(np.uint8), out,
                    offsets, out_h, out_w, scratch, status)
-        failed = np.flatnonzero(status)
-        if len(failed):
-            k = int(failed[0])
-            s = self.sources[int(src[k])]
-            if self.on_error == "raise":
-                raise SampleError(f"{s.describe(int(sample[k]))}: JPEG data cannot be decoded",
-                                  path=str(s.path), index=int(sample[k]))
-            skipped += len(failed)
+        undecodable = np.flatnonzero(status)
+        failed = sorted(failed + self._failures(keep[undecodable], src_all, sample_all, "JPEG data cannot be decoded"))
         ok = status == 0
         labels = np.empty(n, np.int64)
         for s in np.unique(src):
@@ -252,16 +255,35 @@ class FFCVLoader(PlanLoader):
         for v, (h, w) in enumerate(shapes):
             arr = out[offsets[v]:offsets[v] + per[v]].reshape(n, h, w, 3)
             t = torch.from_numpy(arr)
-            if len(failed):
+            if len(undecodable):
                 t = t[torch.from_numpy(ok)]
             views.append(t.permute(0, 3, 1, 2))
         if int(ok.sum()) == 0:
-            return Batch(views=[torch.empty(0, 3, 1, 1, dtype=torch.uint8)], index=torch.empty(0, dtype=torch.int64),
-                         source=torch.empty(0, dtype=torch.int64), label=torch.empty(0, dtype=torch.int64),
-                         skipped=skipped, meta={"backend": "ffcv", "batch": b, "empty": True})
+            return self._no_rows(b, failed)
         batch = Batch(views=views, index=torch.from_numpy(index[ok]), source=torch.from_numpy(src[ok]),
-                      label=torch.from_numpy(labels[ok]), skipped=skipped, meta={"backend": "ffcv", "batch": b})
+                      label=torch.from_numpy(labels[ok]), skipped=len(failed),
+                      meta={"backend": "ffcv", "batch": b, "failed": tuple(failed)})
         return batch.pin_memory() if self.pin_memory and torch.cuda.is_available() else batch
+
+    def _failures(self, slots: np.ndarray, src: np.ndarray, sample: np.ndarray, why: str) -> list:
+        """``(slot, one-line reason)`` for the chunk's failed ``slots``; under ``on_error="raise"``
+        the first one raises as a one-line SampleError naming the file, the sample and the source."""
+        out = []
+        for k in slots.tolist():
+            source, j = self.sources[int(src[k])], int(sample[k])
+            err = sample_error(SampleError(f"{source.describe(j)}: {why}", path=str(source.path), index=j),
+                               source, j)
+            if self.on_error == "raise":
+                raise err from None
+            out.append((int(k), str(err)))
+        return out
+
+    @staticmethod
+    def _no_rows(b: int, failed: list) -> Batch:
+        none = torch.empty(0, dtype=torch.int64)
+        return Batch(views=[torch.empty(0, 3, 1, 1, dtype=torch.uint8)], index=none, source=none.clone(),
+                     label=none.clone(), skipped=len(failed), meta={"backend": "ffcv", "batch": b,
+                                                                      "failed": tuple(failed)})
 
     # -- iteration ---------------------------------------------------------------------------------
     def _batches(self, plan):
@@ -269,9 +291,7 @@ class FFCVLoader(PlanLoader):
         one worker with ``prefetch`` 1 runs in the calling thread (deterministic stack traces)."""
         if self.num_workers <= 1 and self.prefetch <= 1:
             for b in self._batch_ids(plan):
-                item = self.make_batch(plan, b)
-                if item is not None and not item.meta.get("empty"):
-                    yield item
+                yield self.make_batch(plan, b)
             return
         yield from self._batches_threads(plan, max(1, self.num_workers))
 
@@ -324,8 +344,6 @@ class FFCVLoader(PlanLoader):
                             raise RuntimeError(f"ffcv loader thread {b % K} stopped before batch {b}")
                 if kind == "error":
                     raise item
-                if item is None or item.meta.get("empty"):
-                    continue
                 yield item
         finally:
             stop.set()

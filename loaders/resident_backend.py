@@ -24,11 +24,14 @@ host only while loading.
 **Loading.** Sources that expose their pixels as one ``uint8 [n, H, W, 3]`` array (``images``:
 ``array``, ``synthetic``, ``cifar``, ``npz`` -- memory-mapped when stored) are copied as whole
 arrays in chunks. Any other source (``folder``, ``csv``, ``shards``, ``beton``) is decoded once,
-sample by sample, with its own ``decode(i)`` (PIL, as the torch backend's default decoder), with a
-tqdm bar (``progress=True``, rank 0 only). A corrupt sample is found there, once:
-``on_error="raise"`` raises the source's :class:`SampleError` naming the file;
-``on_error="skip"`` marks its row, and every time the plan draws it, it is dropped from its batch
-and counted in ``skipped`` (the torch backend's rule, so the two still yield the same batches).
+sample by sample (``read(i)`` bounded by ``read_timeout_s`` through
+:class:`~loaders.plan_loader.TimedReader`, then PIL as the torch backend's default decoder), with a
+tqdm bar (``progress=True``, rank 0 only). A corrupt (or timed-out) sample is found there, once:
+``on_error="raise"`` raises a one-line :class:`SampleError` naming the file and the source;
+``on_error="skip"`` marks its row, and every time the plan draws it, it is replaced by the next
+sample of the plan and counted in ``skipped`` (:mod:`loaders.plan_loader`'s rule, shared with the
+torch backend, so the two yield the same batches). Whole-array sources are not read per sample
+(no timeout applies: their arrays are loaded or memory-mapped at once).
 
 **Sizes.** When all images share one size they are kept at full resolution (``resize`` is then
 unused). Otherwise each image not already ``resize x resize`` is resized to it with an
@@ -49,12 +52,12 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .base import Source
+from .base import Source, decode_image
 from .batch import Batch
 from .crop import CropSpec
 from .errors import ConfigError, SampleError
 from .mixture import Mixture
-from .plan_loader import PlanLoader
+from .plan_loader import DEFAULT_MAX_SKIP_FRACTION, DEFAULT_READ_TIMEOUT_S, PlanLoader, TimedReader, sample_error
 
 __all__ = ["ResidentLoader", "resize_images", "source_array"]
 
@@ -93,15 +96,41 @@ def source_array(src: Source) -> Optional[np.ndarray]:
 class _Decoded:
     """One per-sample source decoded into a host staging array: ``images`` uint8 ``[len(rows), H,
     W, 3]`` (None when every sample failed), ``rows`` (the source's sample indices), ``bad``
-    (int64 indices into ``rows`` of the corrupt samples)."""
+    (int64 indices into ``rows`` of the corrupt samples) and ``reasons`` (one line per bad row)."""
 
-    def __init__(self, images: Optional[np.ndarray], rows: np.ndarray, bad: np.ndarray):
-        self.images, self.rows, self.bad = images, rows, bad
+    def __init__(self, images: Optional[np.ndarray], rows: np.ndarray, bad: np.ndarray, reasons: List[str]):
+        self.images, self.rows, self.bad, self.reasons = images, rows, bad, reasons
+
+
+#: samples read per TimedReader call while decoding a per-sample source
+_READ_BLOCK = 64
+
+
+def _decoded_samples(src: Source, rows: List[int], reader: TimedReader):
+    """``(i, image or SampleError)`` for ``src``'s samples ``rows``, read in blocks through
+    ``reader`` (the read timeout); a source with its own ``decode`` is decoded by it (no timeout)."""
+    if getattr(src.decode, "__func__", None) is not Source.decode:  # its own decode (class or instance)
+        for i in rows:
+            try:
+                yield i, src.decode(i)[0]
+            except SampleError as e:
+                yield i, e
+        return
+    for a in range(0, len(rows), _READ_BLOCK):
+        block = rows[a:a + _READ_BLOCK]
+        for i, r in zip(block, reader.read_all([(src, i) for i in block])):
+            if isinstance(r, BaseException) and not isinstance(r, SampleError):
+                raise r
+            try:
+                yield i, r if isinstance(r, SampleError) else decode_image(r[0], path=src.describe(i), index=i)
+            except SampleError as e:
+                yield i, e
 
 
 def _decode_source(src: Source, rows: np.ndarray, *, resize: Optional[int], on_error: str,
-                   progress: bool) -> _Decoded:
-    """Decode ``src``'s samples ``rows`` once (``src.decode``), into one staging array.
+                   progress: bool, read_timeout_s: Optional[float] = None) -> _Decoded:
+    """Decode ``src``'s samples ``rows`` once (reads bounded by ``read_timeout_s``), into one
+    staging array.
 
     A sample whose size differs from the first one's: without ``resize`` a ConfigError naming it;
     with ``resize`` the source switches to ``resize x resize`` (rows so far are resized too).
@@ -109,14 +138,16 @@ def _decode_source(src: Source, rows: np.ndarray, *, resize: Optional[int], on_e
     from tqdm import tqdm
     buf: Optional[np.ndarray] = None
     bad: List[int] = []
-    for k, i in enumerate(tqdm(rows.tolist(), desc=f"resident: decoding '{src.name}'", unit="img",
-                               disable=not progress, leave=False)):
-        try:
-            img, _ = src.decode(i)
-        except SampleError:
+    reasons: List[str] = []
+    samples = _decoded_samples(src, rows.tolist(), TimedReader(read_timeout_s))
+    for k, (i, img) in enumerate(tqdm(samples, total=len(rows), desc=f"resident: decoding '{src.name}'",
+                                      unit="img", disable=not progress, leave=False)):
+        if isinstance(img, SampleError):
+            err = sample_error(img, src, i)
             if on_error == "raise":
-                raise
+                raise err from None
             bad.append(k)
+            reasons.append(str(err))
             continue
         if buf is None:
             buf = np.zeros((len(rows), *img.shape), np.uint8)
@@ -130,7 +161,7 @@ def _decode_source(src: Source, rows: np.ndarray, *, resize: Optional[int], on_e
             if img.shape[:2] != (resize, resize):
                 img = _resize_hwc(img[None], resize)[0]
         buf[k] = img
-    return _Decoded(buf, rows, np.asarray(bad, np.int64))
+    return _Decoded(buf, rows, np.asarray(bad, np.int64), reasons)
 
 
 def _restage(buf: np.ndarray, done: int, size: int) -> np.ndarray:
@@ -170,11 +201,14 @@ class ResidentLoader(PlanLoader):
         device: where the images live and batches are gathered (``"cpu"``, ``"cuda:0"``, ...).
         progress: tqdm bar while decoding per-sample sources (rank 0 only).
         num_workers, pin_memory: accepted and ignored.
+        read_timeout_s: bound on each ``read`` while loading per-sample sources.
+        max_skip_fraction: see :class:`~loaders.plan_loader.PlanLoader` (checked as the plan
+            draws the corrupt rows, not at load).
 
     Attributes: ``images`` (uint8 ``[N, 3, H, W]`` on ``device``), ``labels`` / ``row_source``
     (int64 ``[N]`` on ``device``), ``nbytes`` (their size), ``corrupt`` (rows found corrupt at load
-    under ``on_error="skip"``). A batch whose samples were all skipped is yielded empty, as the
-    torch backend does.
+    under ``on_error="skip"``). Skipped rows are replaced by the plan's next samples, so every
+    batch is whole (:mod:`loaders.plan_loader`).
     """
 
     backend = "resident"
@@ -182,13 +216,16 @@ class ResidentLoader(PlanLoader):
     def __init__(self, sources: Sequence[Source], mixture: Mixture, *, batch_size: int,
                  crops: Optional[Sequence[CropSpec]] = None, resize: Optional[int] = None, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, on_error: str = "raise",
-                 pin_memory: bool = False, drop_last: bool = True, device="cpu", progress: bool = True):
+                 pin_memory: bool = False, drop_last: bool = True, device="cpu", progress: bool = True,
+                 read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
+                 max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION):
         if crops is not None:
             raise ConfigError("resident loader: crops given, but data.crop_in_decode must be false with "
                               "data.backend: resident (the augmentation engine crops on the device)")
         super().__init__(sources, mixture, batch_size=batch_size, crops=None, resize=resize, rank=rank,
                          world_size=world_size, num_workers=num_workers, seed=seed, on_error=on_error,
-                         pin_memory=pin_memory, drop_last=drop_last)
+                         pin_memory=pin_memory, drop_last=drop_last, read_timeout_s=read_timeout_s,
+                         max_skip_fraction=max_skip_fraction)
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as e:
@@ -209,6 +246,7 @@ class ResidentLoader(PlanLoader):
                    for s, n in zip(staged, self.mixture.sizes.tolist()))
         self.images = (torch.empty if full else torch.zeros)((N, 3, H, W), dtype=torch.uint8, device=self.device)
         valid = np.ones(N, bool)
+        self._reasons = {}  # global row -> why it failed (on_error="skip")
         for s, got in enumerate(staged):
             off = int(self.offsets[s])
             if isinstance(got, np.ndarray):
@@ -217,6 +255,7 @@ class ResidentLoader(PlanLoader):
                 _upload(self.images, off + got.rows, got.images)
             if not isinstance(got, np.ndarray):
                 valid[off + got.rows[got.bad]] = False
+                self._reasons.update(zip((off + got.rows[got.bad]).tolist(), got.reasons))
                 if got.images is None:
                     valid[off + got.rows] = False
         labels = np.concatenate([np.asarray(src.labels(), np.int64).reshape(-1) for src in self.sources])
@@ -239,7 +278,7 @@ class ResidentLoader(PlanLoader):
             rows = (np.arange(len(src), dtype=np.int64) if self.mixture.unique[s] == self.mixture.sizes[s]
                     else np.sort(self.mixture.subset(s)))
             out.append(_decode_source(src, rows, resize=self.resize, on_error=self.on_error,
-                                      progress=self.progress))
+                                      progress=self.progress, read_timeout_s=self.read_timeout_s))
         return out
 
     def _target_size(self, staged) -> Tuple[int, int]:
@@ -281,11 +320,12 @@ class ResidentLoader(PlanLoader):
         cuda = self.device.type == "cuda"
         for b in self._batch_ids(plan):
             _, _, gid = plan.batch(b)
-            skipped = 0
+            failed = ()
             if self._valid is not None:
                 keep = self._valid[gid]
-                skipped = int(len(gid) - keep.sum())
-                gid = gid[keep]
+                if not keep.all():
+                    failed = tuple((int(k), self._reasons.get(int(gid[k]), "")) for k in np.flatnonzero(~keep))
+                    gid = gid[keep]
             idx = torch.from_numpy(gid)
             if cuda:  # pinned: the copy does not wait for the device's queue
                 idx = idx.pin_memory().to(self.device, non_blocking=True)
@@ -293,4 +333,4 @@ class ResidentLoader(PlanLoader):
                 idx = idx.to(self.device)  # a no-op on the CPU
             yield Batch(views=[self.images.index_select(0, idx)], index=idx,
                         source=self.row_source.index_select(0, idx), label=self.labels.index_select(0, idx),
-                        skipped=skipped, meta={"backend": "resident", "batch": b})
+                        skipped=len(failed), meta={"backend": "resident", "batch": b, "failed": failed})

@@ -39,11 +39,19 @@ from PIL import Image
 from .base import Source, decode_image
 from .batch import Batch
 from .crop import CropSpec, rrc_params
-from .errors import DataError, SampleError
+from .errors import ConfigError, DataError, SampleError
 from .mixture import Mixture, Plan
-from .plan_loader import PlanLoader, rng_key
+from .plan_loader import (
+    DEFAULT_MAX_SKIP_FRACTION,
+    DEFAULT_READ_TIMEOUT_S,
+    PlanLoader,
+    TimedReader,
+    one_line,
+    rng_key,
+    sample_error,
+)
 
-__all__ = ["TorchLoader", "BatchMaker"]
+__all__ = ["TorchLoader", "BatchMaker", "WorkerError"]
 
 _ON_ERROR = ("raise", "skip")
 _DECODERS = ("pil", "cv2")
@@ -157,14 +165,20 @@ class BatchMaker:
     resume. ``f`` may return float views; they replace ``Batch.views``.
 
     ``decoder``: ``"pil"`` (torchvision-exact) or ``"cv2"`` (fast path, see the module doc);
-    ``flip``: random horizontal flip (p=0.5 per sample and view) while cropping.
+    ``flip``: random horizontal flip (p=0.5 per sample and view) while cropping;
+    ``read_timeout_s``: bound on each ``source.read`` (:class:`~loaders.plan_loader.TimedReader`).
+
+    Under ``on_error="skip"`` a sample that fails is left out of the batch and listed in
+    ``meta["failed"]`` as ``(slot, one-line reason)``; the loader replaces it (see
+    :mod:`loaders.plan_loader`). Under ``"raise"`` its :class:`SampleError` names the file, the
+    sample and the source on one line.
     """
 
     def __init__(self, sources: Sequence[Source], plan: Plan, *, crops: Optional[Sequence[CropSpec]] = None,
                  resize: Optional[int] = None, seed: int = 0, on_error: str = "raise",
                  worker_augment: Optional[Callable[[List[torch.Tensor], Tuple[int, int, int]],
                                                    List[torch.Tensor]]] = None,
-                 decoder: str = "pil", flip: bool = False):
+                 decoder: str = "pil", flip: bool = False, read_timeout_s: Optional[float] = None):
         if decoder not in _DECODERS:
             raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
         self.sources = list(sources)
@@ -180,6 +194,7 @@ class BatchMaker:
         self.ring = None    # a SlabRing (set by TorchLoader before its workers fork)
         self._scratch = _Scratch()  # crop buffers reused across batches when a hook consumes them
         self.worker = 0     # this worker's id (set by _BatchStream in the worker)
+        self.reader = TimedReader(read_timeout_s)  # threads made lazily in the reading process
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -204,31 +219,50 @@ class BatchMaker:
             out = out.with_views([v.clone() if writer.offset(v) is not None else v for v in out.views])
             self.ring.release(writer.slot)
             return out
-        return _SlabBatch(ref, out.index, out.source, out.label, out.skipped)
+        return _SlabBatch(ref, out.index, out.source, out.label, out.skipped, out.meta)
 
-    def _make(self, b: int, writer=None) -> Batch:
-        src, smp, gid = self.plan.batch(b)
-        first_item = int(self.plan.samples + b * self.plan.batch_size)
-        images, keep, labels = [], [], []
+    def _read_decode(self, src: np.ndarray, smp: np.ndarray):
+        """Read (bounded by the timeout) and decode the chunk's samples: (images, kept slots,
+        labels, failed ``(slot, reason)``); under ``on_error="raise"`` the first failure raises."""
         if self.decoder == "cv2" and not self._cv2_ready:
             import cv2
             cv2.setNumThreads(1)  # one worker per core: no nested OpenCV threads
             self._cv2_ready = True
         open_ = _open_cv2 if self.decoder == "cv2" else _open
-        for i, (s, j) in enumerate(zip(src.tolist(), smp.tolist())):
-            source = self.sources[s]
+        calls = [(self.sources[s], j) for s, j in zip(src.tolist(), smp.tolist())]
+        got = self.reader.read_all(calls)
+        images, keep, labels, failed = [], [], [], []
+        for i, ((source, j), r) in enumerate(zip(calls, got)):
             try:
-                data, label = source.read(j)
-                img = open_(data, source, j)
-            except SampleError:
+                if isinstance(r, BaseException):
+                    raise r
+                img = open_(r[0], source, j)
+            except SampleError as e:
+                err = sample_error(e, source, j)
                 if self.on_error == "raise":
-                    raise
-                continue  # counted below: skipped = planned - kept
+                    raise err from None
+                failed.append((i, str(err)))
+                continue
             images.append(img)
             keep.append(i)
-            labels.append(label)
-        keep = np.asarray(keep, dtype=np.int64)
-        skipped = len(src) - len(keep)
+            labels.append(r[1])
+        return images, np.asarray(keep, dtype=np.int64), labels, failed
+
+    def _empty(self, meta: dict) -> Batch:
+        """A chunk whose every sample failed: no rows (its failures in ``meta``)."""
+        sizes = [(c.size, c.size) for c in self.crops] if self.crops else [(self.resize or 1, self.resize or 1)]
+        none = torch.empty(0, dtype=torch.int64)
+        return Batch(views=[torch.empty((0, 3, h, w), dtype=torch.uint8) for h, w in sizes], index=none,
+                     source=none.clone(), label=none.clone(), skipped=len(meta["failed"]), meta=meta)
+
+    def _make(self, b: int, writer=None) -> Batch:
+        src, smp, gid = self.plan.batch(b)
+        first_item = int(self.plan.samples + b * self.plan.batch_size)
+        images, keep, labels, failed = self._read_decode(src, smp)
+        meta = {"batch": b, "failed": tuple(failed)}
+        if not images:
+            return self._empty(meta)
+        skipped = len(failed)
         if self.crops is not None:
             rng = np.random.default_rng(rng_key(self.seed, self.plan.rank, first_item))
             flips = self._flips(first_item, len(images), len(self.crops))
@@ -254,7 +288,8 @@ class BatchMaker:
             if self._scratch.holds(views):
                 self._scratch = _Scratch()   # the hook returned the crops: never overwrite them
         return Batch(views=views, index=torch.from_numpy(gid[keep]), source=torch.from_numpy(src[keep]),
-                     label=torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)), skipped=skipped)
+                     label=torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)), skipped=skipped,
+                     meta=meta)
 
     def _flips(self, first_item: int, n: int, views: int) -> Optional[np.ndarray]:
         """bool ``[n, views]`` flip draws of the batch (its own generator: the crop boxes do not
@@ -332,10 +367,8 @@ class BatchMaker:
         n = len(images)
         if self.resize is not None:
             S = (int(self.resize), int(self.resize))
-        elif n:
-            S = _size(images[0])
         else:
-            raise DataError("every sample of a batch was skipped and no resize is set: the view size is unknown")
+            S = _size(images[0])  # n > 0: an all-failed chunk never gets here
         out = np.empty((n, S[0], S[1], 3), np.uint8)
         resample = _pil_resample("bilinear")
         for i in range(n):
@@ -393,14 +426,34 @@ class _SlabBatch:
     """What a worker sends for a batch whose views are in a slab slot: the slot's
     :class:`~loaders.shm.SlabRef` and the small per-sample tensors."""
 
-    __slots__ = ("ref", "index", "source", "label", "skipped")
+    __slots__ = ("ref", "index", "source", "label", "skipped", "meta")
 
-    def __init__(self, ref, index, source, label, skipped):
+    def __init__(self, ref, index, source, label, skipped, meta):
         self.ref, self.index, self.source, self.label, self.skipped = ref, index, source, label, skipped
+        self.meta = meta
 
     def open(self, ring) -> Batch:
         return Batch(views=ring.open(self.ref), index=self.index, source=self.source, label=self.label,
-                     skipped=self.skipped)
+                     skipped=self.skipped, meta=self.meta)
+
+
+class WorkerError:
+    """A data error met while building chunk ``batch`` (in a DataLoader worker or in-process):
+    a small picklable record instead of the exception, so the main process re-raises it as the
+    same class with the same one-line message (no worker traceback text in it)."""
+
+    __slots__ = ("kind", "message", "path", "index", "batch")
+
+    def __init__(self, e: DataError, batch: int):
+        self.kind = "sample" if isinstance(e, SampleError) else "data"
+        self.message = one_line(e)
+        self.path, self.index = getattr(e, "path", ""), getattr(e, "index", -1)
+        self.batch = batch
+
+    def throw(self):
+        if self.kind == "sample":
+            raise SampleError(self.message, path=self.path, index=self.index)
+        raise DataError(self.message)
 
 
 class _BatchStream(torch.utils.data.IterableDataset):
@@ -416,7 +469,12 @@ class _BatchStream(torch.utils.data.IterableDataset):
         b, step = (0, 1) if info is None else (info.id, info.num_workers)
         self.maker.worker = b
         while self.num_batches is None or b < self.num_batches:
-            yield self.maker(b)
+            try:
+                item = self.maker(b)
+            except DataError as e:  # SampleError included: sent as a record, re-raised by the loader
+                yield WorkerError(e, b)
+                return
+            yield item
             b += step
 
 
@@ -433,10 +491,16 @@ class TorchLoader(PlanLoader):
         rank, world_size: this process's slice of the stream.
         num_workers: DataLoader workers (0 = in-process).
         seed: seed of the crop parameters.
-        on_error: ``"raise"`` (a :class:`SampleError` naming the sample reaches the caller) or
-            ``"skip"`` (the sample is dropped from its batch and counted in ``skipped``).
+        on_error: ``"raise"`` (a one-line :class:`SampleError` naming the file, the sample and
+            its source reaches the caller, also from a worker) or ``"skip"`` (the sample is
+            replaced by the next one of the rank's plan and counted in ``skipped``; see
+            :mod:`loaders.plan_loader` for the rule and the ``max_skip_fraction`` threshold).
         pin_memory, prefetch_factor: passed to the DataLoader.
         drop_last: drop a final partial batch of a finite plan.
+        timeout: the DataLoader's own ``timeout`` (seconds to wait for a batch from the workers;
+            0 = forever; with workers only); exceeded, it is a :class:`DataError`.
+        read_timeout_s: bound on each sample's ``source.read`` in the workers (None/0: none).
+        max_skip_fraction: see :class:`~loaders.plan_loader.PlanLoader`.
         worker_augment: optional picklable ``f(views, seed_key) -> views`` run in the worker on
             every batch's uint8 views after cropping (see :class:`BatchMaker`); stable signature.
         decoder: ``"pil"`` (default, torchvision-exact crops) or ``"cv2"`` (OpenCV decode and
@@ -464,9 +528,14 @@ class TorchLoader(PlanLoader):
                  world_size: int = 1, num_workers: int = 2, seed: int = 0, on_error: str = "raise",
                  pin_memory: bool = False, prefetch_factor: int = 2, drop_last: bool = True,
                  worker_augment: Optional[Callable] = None, decoder: str = "pil", flip: bool = False,
-                 shared_slots: Optional[int] = None):
+                 shared_slots: Optional[int] = None, timeout: float = 0,
+                 read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
+                 max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION):
         if decoder not in _DECODERS:
             raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise ConfigError(f"torch loader: timeout must be a number of seconds >= 0 (0 = wait forever), "
+                              f"got {timeout!r}")
         if decoder == "cv2":
             try:
                 import cv2  # noqa: F401
@@ -476,8 +545,10 @@ class TorchLoader(PlanLoader):
             raise ValueError(f"worker_augment must be callable f(views, seed_key) -> views, got {worker_augment!r}")
         super().__init__(sources, mixture, batch_size=batch_size, crops=crops, resize=resize, rank=rank,
                          world_size=world_size, num_workers=num_workers, seed=seed, on_error=on_error,
-                         pin_memory=pin_memory, drop_last=drop_last)
+                         pin_memory=pin_memory, drop_last=drop_last, read_timeout_s=read_timeout_s,
+                         max_skip_fraction=max_skip_fraction)
         self.prefetch_factor = prefetch_factor
+        self.timeout = float(timeout)
         self.worker_augment = worker_augment
         self.decoder = decoder
         self.flip = bool(flip)
@@ -502,11 +573,12 @@ class TorchLoader(PlanLoader):
         per_sample = sum(3 * c.size * c.size * itemsize + 64 for c in self.crops)
         return SlabRing(self.num_workers, self.shared_slots, self.batch_size * per_sample)
 
-    def __iter__(self):
-        plan = self._plan.copy()  # frozen cursor for the workers; self._plan counts handed-out batches
+    def _batches(self, plan):
+        """Chunks of ``plan`` in order, built whole by the workers (or in-process); a worker's
+        data error arrives as a :class:`WorkerError` and is re-raised here."""
         maker = BatchMaker(self.sources, plan, crops=self.crops, resize=self.resize, seed=self.seed,
                            on_error=self.on_error, worker_augment=self.worker_augment, decoder=self.decoder,
-                           flip=self.flip)
+                           flip=self.flip, read_timeout_s=self.read_timeout_s)
         ring = maker.ring = self.ring = self._make_ring()
         stream = _BatchStream(maker, plan.num_batches)
         if self.num_workers == 0:
@@ -514,20 +586,27 @@ class TorchLoader(PlanLoader):
         else:
             dl = torch.utils.data.DataLoader(
                 stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                prefetch_factor=self.prefetch_factor, persistent_workers=False)
+                prefetch_factor=self.prefetch_factor, persistent_workers=False, timeout=self.timeout)
             it = iter(dl)
-        self._iterating = True
         try:
-            for batch in it:
-                if isinstance(batch, _SlabBatch):
-                    batch = batch.open(ring)
+            while True:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                except RuntimeError as e:
+                    if self.timeout and "timed out" in str(e):
+                        raise DataError(f"torch loader: no batch from the DataLoader workers within "
+                                        f"data.backend_options.timeout={self.timeout:g} s") from None
+                    raise
+                if isinstance(item, WorkerError):
+                    item.throw()
+                if isinstance(item, _SlabBatch):
+                    item = item.open(ring)
                 if self.num_workers == 0 and self.pin_memory:
-                    batch = batch.pin_memory()
-                self._plan.advance(1)
-                self.skipped += batch.skipped
-                yield batch
+                    item = item.pin_memory()
+                yield item
         finally:
-            self._iterating = False
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from loaders.longtail import longtail_counts, longtail_indices, write_longtail
 from loaders.sources import NPZSource

@@ -142,7 +142,7 @@ def test_order_pixels_and_resume_independent_of_workers():
 
 
 @pytest.mark.timeout(120)
-def test_on_error_skip_counts_corrupt_samples():
+def test_on_error_skip_replaces_and_counts_corrupt_samples():
     corrupt = {3, 7, 21}
     sources = [_array_source(n=20), BytesSource(25, corrupt=corrupt)]
     mix = Mixture([20, 25], seed=2, budget=45)
@@ -150,12 +150,14 @@ def test_on_error_skip_counts_corrupt_samples():
     batches = _collect(loader)
     src, smp = mix.positions(0, 45)
     bad = (src == 1) & np.isin(smp, list(corrupt))
-    assert loader.skipped == bad.sum() == 3
-    assert [b.skipped for b in batches] == bad.reshape(5, 9).sum(1).tolist()
-    assert [len(b) for b in batches] == (9 - bad.reshape(5, 9).sum(1)).tolist()
-    kept = torch.cat([b.index for b in batches]).numpy()
-    assert np.array_equal(kept, mix.global_ids(src, smp)[~bad])
-    assert loader.state_dict()["skipped"] == 3
+    good = mix.global_ids(src, smp)[~bad]
+    # every batch whole (42 readable samples: 4 batches, the 6 left over are dropped at the plan's end)
+    assert [len(b) for b in batches] == [9] * 4
+    assert np.array_equal(torch.cat([b.index for b in batches]).numpy(), good[:36])
+    last = np.flatnonzero(~bad)[35]  # the stream position of the last sample handed out
+    assert [b.skipped for b in batches][-1] >= 0 and sum(b.skipped for b in batches) == bad[:last + 1].sum()
+    assert loader.skipped == bad.sum() == 3 and loader.skipped_by_source == {"source0": 0, "source1": 3}
+    assert loader.state_dict()["skipped"] == 3 and len(loader) == 0
 
 
 @pytest.mark.timeout(60)
