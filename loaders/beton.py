@@ -129,13 +129,16 @@ def to_beton(source: Source, path: Union[str, os.PathLike], *, fmt: str = "jpg",
         "label": IntField(),
         "index": IntField(),
     }
-    writer = DatasetWriter(str(path), fields, num_workers=max(1, workers))
+    # written under a temporary name and moved into place whole: an interrupted conversion never
+    # leaves a .beton that looks complete
+    tmp = path.with_name(path.name + ".tmp")
+    writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
     with _quiet_ffcv_writer(progress):
         writer.from_indexed_dataset(_WriterView(source), chunksize=max(1, min(100, len(source) // workers or 1)))
 
-    bad = np.flatnonzero(BetonFile(path).sample_index < 0)
+    bad = np.flatnonzero(BetonFile(tmp).sample_index < 0)
     if len(bad) and on_error == "raise":
-        path.unlink()
+        tmp.unlink()
         try:  # re-read the first bad sample here to report its own error message
             source.decode(int(bad[0]))
         except SampleError as e:
@@ -143,6 +146,7 @@ def to_beton(source: Source, path: Union[str, os.PathLike], *, fmt: str = "jpg",
                               f"decoded; first: {e}", path=e.path, index=e.index) from e
         raise SampleError(f"to_beton({path}): {len(bad)} sample(s) of source '{source.name}' cannot be decoded "
                           f"(first: {int(bad[0])})", path=str(path), index=int(bad[0]))
+    os.replace(tmp, path)
     return path
 
 
