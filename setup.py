@@ -24,6 +24,8 @@ extras = {
     "fast": ["opencv-python-headless", "simplejpeg>=1.7"],
     # log.wandb: offline | online (fastssl.metrics_log)
     "wandb": ["wandb>=0.16"],
+    # fastssl sweep / study --launcher local-jobs | slurm (fastssl.studies.launchers)
+    "sweep": ["submitit>=1.5"],
     "dev": ["pytest>=8", "pytest-timeout", "scipy>=1.10", "webdataset>=0.2", "timm>=1.0", "ruff==0.17.6"],
 }
 extras["all"] = sorted({p for v in extras.values() for p in v})

@@ -1,4 +1,4 @@
-"""The ``fastssl`` command: ``pretrain``, ``eval``, ``data`` and ``bench``.
+"""The ``fastssl`` command: ``pretrain``, ``eval``, ``data``, ``bench``, ``sweep``, ``study`` and ``report``.
 
 Errors in the user's input (unknown config key, wrong type, missing data file ...) end the
 command with one line on stderr and exit status 2, before anything is written; a run stopped
@@ -104,7 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
                         owns_group=True)
     _add_optional_group(sub, "bench", "benchmarks.cli", "throughput benchmarks of the data path and the model",
                         owns_group=False)
+    _add_studies(sub)
     return parser
+
+
+def _add_studies(sub) -> None:
+    """``sweep``, ``study diversity|inflation`` and ``report`` (:mod:`fastssl.studies`)."""
+    from .studies.commands import add_report, add_study, add_sweep
+
+    add_sweep(sub)
+    add_study(sub)
+    add_report(sub)
 
 
 def _cmd_pretrain(args) -> int:
@@ -164,7 +174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         # key=value overrides may follow options (``pretrain CFG --resume auto train.steps=9``)
-        if getattr(args, "command", None) == "pretrain" and all("=" in e and not e.startswith("-") for e in extra):
+        if getattr(args, "command", None) in ("pretrain", "sweep", "study") and \
+                all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

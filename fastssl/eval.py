@@ -530,7 +530,7 @@ def final_eval(cfg, backbone: nn.Module, sources, device, *, run_dir: Optional[P
     (metric, value, definition) and written to ``run_dir/eval.json`` when given: every number
     (NaN as null), ``definitions`` (key -> sentence) and, with groups, ``group_counts``.
     """
-    from .build import build_backbone
+    from .build import build_method
 
     ev = cfg.eval
     progress = cfg.log.progress if progress is None else progress
@@ -542,7 +542,7 @@ def final_eval(cfg, backbone: nn.Module, sources, device, *, run_dir: Optional[P
     out = _metrics(res)
     if ev.random_init_baseline:
         torch.manual_seed(cfg.train.seed)
-        rand, _ = build_backbone(cfg, aug)
+        rand = build_method(cfg, aug)[0].backbone  # the method's own encoder (a ResNet, a VAE, a generator)
         base = evaluate_backbone(cfg, rand.to(device), sources, device, mean=mean, std=std, linear=False,
                                  protocol=False)
         out["eval/knn_top1_random_init"] = base["knn_top1"]
@@ -571,7 +571,7 @@ def load_trained_backbone(path: Union[str, Path]):
     ``backbone.pt`` next to its ``config.yaml``, or a run directory."""
     from loaders.errors import ConfigError
 
-    from .build import build_augment, build_backbone
+    from .build import build_augment, build_method
     from .config import from_dict, load_config
 
     path = Path(path)
@@ -590,7 +590,8 @@ def load_trained_backbone(path: Union[str, Path]):
         if not side.is_file():
             raise ConfigError(f"{path} is a plain state_dict and {side} (its run config) is missing")
         cfg, backbone_sd = load_config(side), obj
-    backbone, _ = build_backbone(cfg, build_augment(cfg.augment))
+    # the method builds its encoder (ResNet/ViT from model:, or its own: vae, imle's generator)
+    backbone = build_method(cfg, build_augment(cfg.augment))[0].backbone
     backbone.load_state_dict(backbone_sd)
     return cfg, backbone
 

@@ -584,9 +584,13 @@ class TorchLoader(PlanLoader):
         if self.num_workers == 0:
             it = iter(stream)
         else:
+            # its own generator: starting the iterator then draws no number from the process's global
+            # RNG (a resumed trainer restores that RNG before the first batch; a draw here would
+            # shift every later one). Workers draw their randomness from the batch keys anyway.
             dl = torch.utils.data.DataLoader(
                 stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                prefetch_factor=self.prefetch_factor, persistent_workers=False, timeout=self.timeout)
+                prefetch_factor=self.prefetch_factor, persistent_workers=False, timeout=self.timeout,
+                generator=torch.Generator().manual_seed(self.seed))
             it = iter(dl)
         try:
             while True:

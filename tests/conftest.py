@@ -12,7 +12,8 @@ import pytest
 import torch
 
 EXTRAS = {"nvidia.dali": "dali", "ffcv": "ffcv", "cv2": "ffcv", "webdataset": "wds", "timm": "vit",
-          "kornia": "bench", "simplejpeg": "fast", "wandb": "wandb"}
+          "kornia": "bench", "simplejpeg": "fast", "wandb": "wandb",
+          "submitit": "sweep"}
 
 
 def pytest_sessionstart(session):

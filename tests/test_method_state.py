@@ -3,7 +3,7 @@ per-sample losses and log keys, for every registered method (loop over METHODS).
 import pytest
 import torch
 from synccount import count_host_syncs
-from test_methods import make_optimizer, make_views
+from test_methods import make_optimizer, make_views, method_extras
 
 from fastssl.methods import METHODS, build_method, method_hparams
 from fastssl.models import build_backbone
@@ -28,6 +28,9 @@ LOG_KEYS = {
     "dino": {"dino", "tau", "teacher_temp", "frozen"},
     "swav": {"swav", "frozen"},
     "sdclr": {"sdclr", "nt_xent", "pruned_fraction"},
+    "imle": {"imle", "mean_distance"},
+    "vae": {"vae", "mse", "kl"},
+    "idaa": {"idaa", "nt_xent", "nt_xent_adv", "adv_l1"},
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +50,8 @@ def build(name: str, seed: int = 0, **extra):
             hp[key] = 24
     torch.manual_seed(seed)
     backbone, feat = build_backbone("resnet18", cifar_stem=True, width=4)
-    return build_method(name, backbone=backbone, feat_dim=feat, **{**hp, **FREEZE.get(name, {}), **extra})
+    return build_method(name, backbone=backbone, feat_dim=feat,
+                        **{**hp, **method_extras(name), **FREEZE.get(name, {}), **extra})
 
 
 def train_step(method, opt, views, progress):

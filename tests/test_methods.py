@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tiny_vae import tiny_vae_path
 
 from fastssl.methods import METHODS, MethodOutput, build_method, method_hparams
 from fastssl.methods.base import RECIPE_DEFAULTS
@@ -17,7 +18,20 @@ B = 8
 #: Overrides for the fixed-batch training test only. MoCo v2's key encoder with the published
 #: tau 0.99 barely moves in 8 steps, so the online queries drift away from their keys; a
 #: faster EMA lets the test see the contrastive loss fall.
-TRAIN_OVERRIDES = {"mocov2": {"tau_base": 0.5, "tau_final": 0.5}}
+TRAIN_OVERRIDES = {"mocov2": {"tau_base": 0.5, "tau_final": 0.5},
+                   # IMLE on pure-noise views: only the masked pixels' mean is learnable in 8 steps;
+                   # one corruption at a fixed rate keeps the before/after losses comparable
+                   "imle": {"corruptions": ["pixel_mask"], "mask_range": [0.5, 0.5]}}
+
+
+def method_extras(name: str) -> dict:
+    """What the shrinking rules cannot give: the VAE's size (16 px views, latent = the backbone's
+    feature dim) and idaa's VAE file."""
+    if name == "vae":
+        return {"latent_dim": None, "image_size": 16, "channels": 8}
+    if name == "idaa":
+        return {"vae_path": tiny_vae_path(16)}
+    return {}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +47,7 @@ def small_hparams(name: str) -> dict:
             hp[key] = 64
         elif key == "n_prototypes":
             hp[key] = 16
-    return hp
+    return {**hp, **method_extras(name)}
 
 
 def tiny_method(name: str, **extra):
@@ -45,6 +59,8 @@ def tiny_method(name: str, **extra):
 def make_views(method, b=B, seed=1):
     gen = torch.Generator().manual_seed(seed)
     views = [torch.randn(b, 3, 16, 16, generator=gen) for _ in range(2)]
+    if type(method).num_views == 1:  # the VAE: one view
+        return views[:1]
     if type(method).num_views is None:  # multi-crop: 2 global + 2 local crops
         views += [torch.randn(b, 3, 8, 8, generator=gen) for _ in range(2)]
     return views

@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 import yaml
+from tiny_vae import write_tiny_vae
 
 from fastssl.methods import METHODS
 
@@ -33,9 +34,12 @@ SMALL = {  # tiny heads so that a step takes milliseconds
     "swav": {"proj_hidden_dim": 32, "proj_output_dim": 16, "n_prototypes": 16, "freeze_prototypes": 0.5},
     "simsiam": {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 8},
     "sdclr": {"proj_hidden_dim": 32, "proj_output_dim": 16},
+    "vae": {"image_size": 16, "channels": 8},            # latent: the backbone's 32 dims
+    "idaa": {"proj_hidden_dim": 32, "proj_output_dim": 16},  # + vae_path: a tiny VAE in tmp_path
+    "imle": {"gen_width": 4, "code_dim": 4, "num_samples": 4},   # generator bottleneck: the backbone's 32
 }
-MULTI_CROP = {"dino": "dino_multicrop", "swav": "swav_multicrop"}
-CASES = sorted(METHODS) + ["simclr+bcl", "sdclr+bcl"]   # BCL-I and BCL-D
+MULTI_CROP = {"dino": "dino_multicrop", "swav": "swav_multicrop", "vae": "vae", "imle": "imle"}  # vae, imle: 1 view
+CASES = sorted(METHODS) + ["simclr+bcl", "sdclr+bcl", "simclr+isicle"]   # BCL-I, BCL-D, ISICLE
 
 
 def test_every_method_is_covered():
@@ -57,9 +61,20 @@ def _config(tmp_path, case):
         "eval": {"enabled": False},
         "log": {"every": 2, "progress": False, "indices": True, "tensorboard": False, "plot": False},
     }
+    if name == "idaa":
+        cfg["method"]["vae_path"] = str(write_tiny_vae(tmp_path / "vae.pt", image_size=16))
     if case.endswith("+bcl"):  # 64 samples, 16 per step: an epoch every 4 steps
         cfg["recipes"] = [{"name": "bcl", "beta": 0.97}]
         cfg["augment"]["preset"] = "bcl_d" if name == "sdclr" else "bcl"
+    if case.endswith("+isicle"):  # a generator whose samples depend on the code (the counter-seeded draws)
+        from fastssl.models.generator import ConditionalGenerator
+        torch.manual_seed(0)
+        gen = ConditionalGenerator(width=4, feat_dim=8, code_dim=4)
+        torch.nn.init.normal_(gen.out.weight, std=0.1)   # zero-initialised, it would be the identity
+        torch.save(gen.state_dict(), tmp_path / "gen.pt")
+        cfg["recipes"] = [{"name": "isicle", "weights": str(tmp_path / "gen.pt"), "p": 0.5,
+                           "corrupt": ["grayscale", "half_grayscale", "pixel_mask"]}]
+        cfg["augment"]["preset"] = "isicle"
     path = tmp_path / f"{case}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -135,6 +150,8 @@ def _same_end_state(a, b, case):
         assert torch.equal(sa["seen"], sb["seen"]) and sa["seen"].all()
         torch.testing.assert_close(sa["w"], sb["w"], rtol=0, atol=1e-6)
         assert sa["w"].std() > 0
+    if case.endswith("+isicle"):
+        assert ca["recipes"]["isicle"] == cb["recipes"]["isicle"] == {"calls": STEPS}
     # the log records (all but the wall-clock rate) are the same too
     ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]

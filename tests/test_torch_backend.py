@@ -375,3 +375,17 @@ def test_hook_returning_its_crops_never_sees_them_overwritten(decoder):
         assert len(got) == len(want) == 4
         for g, w in zip(got, want):
             assert all(torch.equal(x, y[:, :, -x.shape[2]:]) for x, y in zip(g, w))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_starting_the_loader_draws_nothing_from_the_global_rng(workers):
+    """A resumed trainer restores the global RNG before the first batch: the loader must not
+    draw from it, or every later draw of a method (VAE noise, masks) shifts."""
+    src = ArraySource(np.zeros((32, 8, 8, 3), np.uint8))
+    loader = TorchLoader([src], Mixture([32], budget=32), batch_size=8, num_workers=workers)
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    it = iter(loader)
+    next(it)
+    assert torch.equal(torch.rand(4), expected)

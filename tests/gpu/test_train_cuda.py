@@ -3,6 +3,7 @@ channels-last), and the loop's steps without a host sync (CUDA's sync debug mode
 any synchronising call between log steps)."""
 import pytest
 import torch
+from tiny_vae import write_tiny_vae
 
 from fastssl.config import load_config
 from fastssl.methods import METHODS
@@ -22,18 +23,22 @@ SMALL = {
     "swav": {"proj_hidden_dim": 64, "proj_output_dim": 32, "n_prototypes": 32},
     "simsiam": {"proj_hidden_dim": 64, "proj_output_dim": 32, "pred_hidden_dim": 16},
     "sdclr": {"proj_hidden_dim": 64, "proj_output_dim": 32},
+    "vae": {"channels": 16},                                  # 32 px, latent: the backbone's 128 dims
+    "idaa": {"proj_hidden_dim": 64, "proj_output_dim": 32},   # + vae_path: a tiny 32 px VAE
+    "imle": {"gen_width": 16, "code_dim": 16, "num_samples": 4},   # generator bottleneck: the backbone's 128
 }
-MULTI_CROP = {"dino": "dino_multicrop", "swav": "swav_multicrop"}
+MULTI_CROP = {"dino": "dino_multicrop", "swav": "swav_multicrop", "vae": "vae", "imle": "imle"}  # vae, imle: 1 view
 
 
 def _cfg(tmp_path, name, *overrides):
+    vae = {"vae_path": str(write_tiny_vae(tmp_path / "vae.pt", image_size=32))} if name == "idaa" else {}
     base = {
         "name": f"cuda-{name}",
         "data": {"sources": [{"name": "real", "type": "synthetic", "n": 256, "size": 32},
                              {"name": "gen", "type": "synthetic", "n": 256, "size": 32, "variant": "generated"}],
                  "batch_size": 64, "num_workers": 2, "seed": 0},
         "augment": {"preset": MULTI_CROP.get(name, "symmetric"), "size": 32},
-        "method": {"name": name, **SMALL[name]},
+        "method": {"name": name, **SMALL[name], **vae},
         "model": {"width": 16},
         "optim": {"warmup_steps": 2},
         "train": {"steps": 6, "mixed_precision": "bf16", "checkpoint_every": 3},
@@ -48,7 +53,8 @@ def test_every_method_trains_on_cuda(tmp_path, name):
     assert set(SMALL) == set(METHODS)
     res = train(_cfg(tmp_path, name))
     assert next(res.method.parameters()).is_cuda
-    assert res.method.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    conv = next(m for m in res.method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     recs = read_metrics(tmp_path / name / "metrics.jsonl")
     assert [r["step"] for r in recs] == [3, 6]
     assert all(isinstance(r["loss"], float) for r in recs)
