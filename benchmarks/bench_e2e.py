@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -33,16 +33,19 @@ __all__ = ["run", "build_run", "verdict", "add_arguments", "from_args"]
 def build_run(source_cfg: Dict, *, method: str, backbone: str, width: int, cifar_stem: bool, preset: str,
               size: int, views: int, batch_size: int, num_workers: int, device: str, seed: int = 0,
               backend: str = "torch", mixed_precision: str = "no", channels_last: Optional[bool] = None,
-              compile: bool = False):
+              compile: bool = False, overrides: Sequence[str] = ()):
     """``(parts, accelerator, step)``: the training run's own parts and step
     (:func:`fastssl.build.build_training`, :class:`fastssl.step.TrainStep`) for a config that
     reads ``source_cfg`` with ``backend`` (torch: decode + crop in workers; resident: the images
     held on the device, cropped there); ``step(views, labels)`` is one optimizer step as
-    ``fastssl pretrain`` takes it (method + online probe, backward, update, EMA)."""
+    ``fastssl pretrain`` takes it (method + online probe, backward, update, EMA). ``overrides``
+    (``key=value``, as on the pretrain command line) go on top, e.g. a method's ``vae_path`` or
+    ``recipes=[...]``; the recipes are set up as the trainer does, and the variants apply their
+    view rewrite before every step."""
     from fastssl.build import build_training
     from fastssl.config import load_config
     from fastssl.step import TrainModule, TrainStep
-    from fastssl.trainer import make_accelerator
+    from fastssl.trainer import make_accelerator, setup_recipes
     from loaders.base import build_source
 
     src = {k: v for k, v in source_cfg.items() if k != "name"}
@@ -61,9 +64,10 @@ def build_run(source_cfg: Dict, *, method: str, backbone: str, width: int, cifar
                   "mixed_precision": mixed_precision, "channels_last": channels_last, "compile": compile},
         "eval": {"enabled": False},
     }
-    cfg = load_config(None, [], base=base)
+    cfg = load_config(None, list(overrides), base=base)
     accelerator = make_accelerator(cfg)
     parts = build_training(cfg, device=accelerator.device)
+    setup_recipes(parts, accelerator, 1, None)
     specs = list(parts.aug.crop_specs)
     if len(specs) != views or any(s.size != size for s in specs):
         from loaders.errors import ConfigError
@@ -84,14 +88,23 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def model_only(step, *, batch_size: int, size: int, views: int, device, seed: int = 0) -> Iterator[Tuple[None, int]]:
-    """Endless training steps on fixed random views (and labels) already on ``device``."""
+def _rewrite(recipes, views, batch=None):
+    """The recipes' on-device view rewrite, as the loop applies it before the method."""
+    for r in recipes:
+        views = r.rewrite_views(views, batch)
+    return views
+
+
+def model_only(step, *, batch_size: int, size: int, views: int, device, seed: int = 0,
+               recipes=()) -> Iterator[Tuple[None, int]]:
+    """Endless training steps on fixed random views (and labels) already on ``device`` (with the
+    recipes' view rewrite, which is part of the step's cost)."""
     import torch
     g = torch.Generator(device="cpu").manual_seed(seed)
     vs = [torch.randn(batch_size, 3, size, size, generator=g).to(device) for _ in range(views)]
     labels = torch.zeros(batch_size, dtype=torch.int64, device=device)
     while True:
-        step(vs, labels, progress=0.5)
+        step(_rewrite(recipes, vs), labels, progress=0.5)
         _sync(device)
         yield None, batch_size
 
@@ -145,7 +158,7 @@ def real_data(parts, accelerator, *, step=None, seed: int = 0) -> Iterator[Tuple
     try:
         for views, batch in batches:
             if step is not None:
-                step(views, batch.label, progress=0.5)
+                step(_rewrite(parts.recipes, views, batch), batch.label, progress=0.5)
             _sync(device)
             yield None, len(batch)
     finally:
@@ -171,9 +184,13 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
         num_workers: Optional[int] = None, views: int = 2, preset: Optional[str] = None, repeats: int = 3,
         window_s: float = 10.0, warmup: int = 2, device: Optional[str] = None, cache=None, out_dir=None,
         command: Optional[str] = None, progress: bool = True, seed: int = 0, backend: str = "torch",
-        mixed_precision: str = "no", channels_last: Optional[bool] = None, compile: bool = False):
+        mixed_precision: str = "no", channels_last: Optional[bool] = None, compile: bool = False,
+        overrides: Sequence[str] = (), baseline_method: Optional[str] = None):
     """Measure model-only, plain-pytorch, real and loader-only rates; write a record (+ PNG) and
-    return its path."""
+    return its path. ``overrides``: config ``key=value`` on top (a method's files, ``recipes``);
+    the plain loop is then left out (it builds the method from its defaults only).
+    ``baseline_method``: also the model-only rate of that method (same model, data, preset, no
+    overrides) in the same rounds, and the per-step cost ratio against it."""
     import torch
 
     from .bench_loader import DEFAULT_PRESETS
@@ -188,26 +205,31 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
     size, preset = data.out_size, preset or DEFAULT_PRESETS[dataset]
     model_kw = dict(method=method, backbone=backbone, width=width, cifar_stem=cifar_stem)
     speed = dict(mixed_precision=mixed_precision, channels_last=channels_last, compile=compile)
-    parts, accelerator, step = build_run(data.source_config(fmt), **model_kw, **speed, preset=preset, size=size,
-                                         views=views, batch_size=batch_size, num_workers=cores, device=device,
-                                         seed=seed, backend=backend)
+    run_kw = dict(**speed, preset=preset, size=size, views=views, batch_size=batch_size, num_workers=cores,
+                  device=device, seed=seed, backend=backend)
+    parts, accelerator, step = build_run(data.source_config(fmt), **model_kw, **run_kw, overrides=overrides)
     dev = accelerator.device
     tag = f"{backend}/{fmt}"
-    plain = {**model_kw, **speed, "channels_last": parts.channels_last}
-    variants = [
-        Variant("model-only", "model", lambda: model_only(step, batch_size=batch_size, size=size, views=views,
-                                                           device=dev, seed=seed)),
-        Variant("plain-pytorch", "baseline", lambda: plain_pytorch(**plain, batch_size=batch_size, size=size,
-                                                                   views=views, device=dev, seed=seed)),
+    shape = dict(batch_size=batch_size, size=size, views=views, device=dev, seed=seed)
+    variants = [Variant("model-only", "model", lambda: model_only(step, **shape, recipes=parts.recipes))]
+    if not overrides:
+        plain = {**model_kw, **speed, "channels_last": parts.channels_last}
+        variants.append(Variant("plain-pytorch", "baseline", lambda: plain_pytorch(**plain, **shape)))
+    if baseline_method:
+        _, _, base_step = build_run(data.source_config(fmt), **{**model_kw, "method": baseline_method}, **run_kw)
+        variants.append(Variant(f"model-only/{baseline_method}", "baseline",
+                                lambda: model_only(base_step, **shape)))
+    variants += [
         Variant(f"real/{tag}", "e2e", lambda: real_data(parts, accelerator, step=step, seed=seed)),
         Variant(f"loader-only/{tag}", "ours", lambda: real_data(parts, accelerator, step=None, seed=seed)),
     ]
     res = measure_rounds(variants, repeats=repeats, seconds=window_s, warmup=warmup, progress=progress)
-    _verdicts(res, tag)
+    _verdicts(res, tag, baseline_method)
     config = {**model_kw, "dataset": dataset, "n": n, "view_px": size, "format": fmt, "backend": backend,
               "batch_size": batch_size, "views": views, "num_workers": cores, "device": device,
               "torch_threads": torch.get_num_threads(), "preset": preset, "repeats": repeats, "window_s": window_s,
               "warmup_steps": warmup, "generator": data.generator, "seed": seed, **speed,
+              "overrides": list(overrides), "baseline_method": baseline_method,
               "channels_last_used": parts.channels_last,
               "step": "fastssl.step.TrainStep (method + online probe, as fastssl pretrain)",
               "plain-pytorch": "the same method module and optimizer in a plain loop (no probe, no trainer)",
@@ -217,7 +239,7 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
     return path
 
 
-def _verdicts(res: Dict, tag: str) -> None:
+def _verdicts(res: Dict, tag: str, baseline_method: Optional[str] = None) -> None:
     """Medians per variant, the data-bound verdict and fastssl's step against the plain loop."""
     from .common import summarize
     for v in res.values():
@@ -226,10 +248,15 @@ def _verdicts(res: Dict, tag: str) -> None:
     if all(res[k].get("values") for k in ("model-only", f"real/{tag}")):
         res["verdict"] = verdict(res[f"real/{tag}"]["median"], res["model-only"]["median"],
                                  res[f"loader-only/{tag}"].get("median"))
-    if all(res[k].get("values") for k in ("model-only", "plain-pytorch")):
+    if all(res.get(k, {}).get("values") for k in ("model-only", "plain-pytorch")):
         r = res["model-only"]["median"] / res["plain-pytorch"]["median"]
         res["step-vs-plain"] = {"kind": "verdict", "model_only_over_plain_pytorch": r,
                                 "text": f"fastssl's training step runs at {r:.2f}x the plain PyTorch loop"}
+    base = f"model-only/{baseline_method}" if baseline_method else None
+    if base and all(res.get(k, {}).get("values") for k in ("model-only", base)):
+        r = res[base]["median"] / res["model-only"]["median"]
+        res["cost-vs-baseline"] = {"kind": "verdict", "step_cost_over_baseline": r,
+                                   "text": f"a step costs {r:.2f}x a {baseline_method} step (model-only rates)"}
 
 
 def _results():
@@ -260,6 +287,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last model and views (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (both loops)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override on top of the benchmark's run (repeatable), e.g. method.vae_path=... "
+                        "or 'recipes=[{name: isicle}]'")
+    p.add_argument("--baseline-method", default=None,
+                   help="also measure this method's model-only rate in the same rounds (per-step cost ratio)")
 
 
 def from_args(args, command: str):
@@ -268,4 +300,4 @@ def from_args(args, command: str):
                num_workers=args.workers, repeats=args.repeats, window_s=args.window, warmup=args.warmup,
                device=args.device, preset=args.preset, cache=args.cache, out_dir=args.out, command=command,
                backend=args.backend, mixed_precision=args.mixed_precision, channels_last=args.channels_last,
-               compile=args.compile)
+               compile=args.compile, overrides=args.overrides, baseline_method=args.baseline_method)

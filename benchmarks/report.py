@@ -41,9 +41,10 @@ def _scope(rec: Dict) -> str:
     """What a record measured: its name plus the ``size/mode`` prefixes of its loader results
     (``loader`` runs may be split by set and mode), so a newer run replaces only what it re-measured."""
     cfg = rec.get("config") or {}
-    if rec["name"] == "e2e":  # one table per model, size, backend and device
-        bits = [cfg.get("backbone"), f"{cfg['view_px']}px" if cfg.get("view_px") else None,
-                cfg.get("backend", "torch"), cfg.get("device")]
+    if rec["name"] == "e2e":  # one table per method (+ overrides), model, size, backend and device
+        sets = " ".join(f"--set {o}" for o in cfg.get("overrides") or [])
+        bits = [cfg.get("method"), f"({sets})" if sets else None, cfg.get("backbone"),
+                f"{cfg['view_px']}px" if cfg.get("view_px") else None, cfg.get("backend", "torch"), cfg.get("device")]
         return " ".join(["e2e", *[str(b) for b in bits if b]])
     if rec["name"] != "loader":
         return rec["name"]

@@ -43,7 +43,7 @@ from .rundir import check_fresh, clear_run, load_resume, open_indices_log, run_i
 from .state import check_resume, loader_state_for, restore_state, world_change_note
 from .step import TrainModule, TrainStep
 
-__all__ = ["train", "TrainResult", "NonFiniteLoss"]
+__all__ = ["train", "TrainResult", "NonFiniteLoss", "make_accelerator", "setup_recipes"]
 
 
 @dataclass
@@ -122,7 +122,7 @@ def train(cfg: RunConfig, *, out: Optional[str] = None, force: bool = False) -> 
     ckpt, start = _resume(cfg, run_dir, parts, module, meters, rank, world, force)
     if ckpt is not None and start == parts.total and _complete(cfg, run_dir):
         return _already_complete(cfg, run_dir, parts, start, main)
-    _setup_recipes(parts, accelerator, world, ckpt)
+    setup_recipes(parts, accelerator, world, ckpt)
     _write_run_dir(cfg, run_dir, accelerator, fresh=ckpt is None)
     return _run(cfg, run_dir, parts, module, meters, accelerator, ckpt, start, eval_sources)
 
@@ -171,7 +171,7 @@ def _already_complete(cfg, run_dir: Path, parts, step: int, main: bool) -> Train
     return TrainResult(run_dir=run_dir, step=step, metrics=metrics, method=parts.method)
 
 
-def _setup_recipes(parts, accelerator, world: int, ckpt) -> None:
+def setup_recipes(parts, accelerator, world: int, ckpt) -> None:
     mixture = parts.loader.mixture
     ctx = SetupContext(num_samples=int(mixture.offsets[-1]), source_sizes=[int(n) for n in mixture.sizes],
                        source_names=list(mixture.names), epoch_length=int(mixture.epoch_length),

@@ -232,3 +232,18 @@ def test_records_are_written_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert plot_record(path) is None and not path.with_suffix(".png").exists()
     assert "plot skipped: matplotlib is not installed" in capsys.readouterr().err
     assert plot_metrics([{"step": 1, "loss": 1.0}], tmp_path / "m.png") is None
+
+
+def test_e2e_bench_with_a_recipe_and_a_baseline_method(data, tmp_path):
+    """--set reaches the run's config (a recipe whose view rewrite is part of every step) and
+    --baseline-method is measured in the same rounds, giving the per-step cost ratio."""
+    from benchmarks.bench_e2e import run
+    path = run(width=4, n=32, batch_size=8, num_workers=1, repeats=1, window_s=0.05, warmup=1, device="cpu",
+               cache=data.root.parent, out_dir=tmp_path, command="fastssl bench e2e --test", progress=False,
+               overrides=["recipes=[{name: isicle, generator: identity}]"], baseline_method="byol")
+    rec = _check_record(path, name="e2e", command="fastssl bench e2e --test")
+    r = rec["results"]
+    assert "plain-pytorch" not in r and r["model-only/byol"]["values"]
+    c = r["cost-vs-baseline"]
+    assert c["step_cost_over_baseline"] == pytest.approx(r["model-only/byol"]["median"] / r["model-only"]["median"])
+    assert rec["config"]["overrides"] == ["recipes=[{name: isicle, generator: identity}]"]

@@ -152,8 +152,10 @@ class VAE(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, 3, S, S]`` in the VAE's space -> ``(mean, log-variance)``, ``[B, L]`` each."""
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"this VAE takes [B, 3, {self.image_size}, {self.image_size}] images, "
-                             f"got {list(x.shape)}")
+            from loaders.errors import ConfigError
+            raise ConfigError(f"this VAE takes [B, 3, {self.image_size}, {self.image_size}] images, got "
+                              f"{list(x.shape)}: set method.image_size (a vae run) to the views' size "
+                              f"(augment.size), or use a VAE trained at that size (idaa)")
         h = self.encoder(x).flatten(1)
         return self.fc_mu(h), self.fc_logvar(h)
 
