@@ -6,8 +6,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 SYSPKGS := pkg-config libturbojpeg0-dev libopencv-dev
 PYTEST_ARGS ?=
-# lint: pyflakes, pycodestyle errors/warnings and import order (no config file: the top level is fixed)
-RUFF_ARGS := --select E,F,W,I --line-length 120
 
 .PHONY: setup demo lint test bench clean-venv gpu-wheels gpu-suite gpu-dry-run
 
@@ -35,7 +33,7 @@ demo: setup
 
 # Lint, then the full test suite (GPU-only tests skip without CUDA).
 lint: setup
-	$(VENV)/bin/ruff check $(RUFF_ARGS) fastssl loaders benchmarks tests
+	$(VENV)/bin/ruff check    # rules in .ruff.toml
 
 test: lint
 	FASTSSL_REQUIRE_EXTRAS=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)

@@ -72,13 +72,10 @@ def _fmt(x: float) -> str:
 def pyplot():
     """``matplotlib.pyplot`` on the Agg backend, or None (with a note) where matplotlib is not
     installed (the lent GPU machine): records are written either way, plots are extras."""
-    try:
-        import matplotlib
-    except Exception as e:  # missing, or a carried wheel that does not fit the machine's numpy
-        print(f"plot skipped: matplotlib is not installed ({type(e).__name__}: {e})", file=sys.stderr)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastssl.plotting import pyplot as _pyplot
+    plt, why = _pyplot()
+    if plt is None:
+        print(f"plot skipped: matplotlib is not installed ({why})", file=sys.stderr)
     return plt
 
 

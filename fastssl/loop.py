@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-import torch
-
 from .checkpoint import save_checkpoint
 from .optim import warmup_cosine
 from .state import collect_state
@@ -199,7 +197,8 @@ class Loop:
         p, t, log = self.parts, self.cfg.train, self.cfg.log
         bad = self.step_fn.last_update_bad
         if bad is not None:
-            self.meters.flag_nonfinite(bad, done, self._last_loss_hint())
+            # the window's loss sum is non-finite once any loss in it was: the value to report
+            self.meters.flag_nonfinite(bad, done, self.meters.loss)
         epoch_len = int(getattr(p.loader.mixture, "epoch_length", 0) or 0)
         if epoch_len > 0:
             before, after = ((done - 1) * p.images_per_step) // epoch_len, (done * p.images_per_step) // epoch_len
@@ -213,9 +212,6 @@ class Loop:
             self._log(done, lr, epoch_len)
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == p.total:
             self._checkpoint(done)
-
-    def _last_loss_hint(self) -> torch.Tensor:
-        return self.meters.loss  # the window's loss sum: non-finite once any loss was
 
     def _log(self, done: int, lr: float, epoch_len: int) -> None:
         p = self.parts

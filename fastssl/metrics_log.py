@@ -167,12 +167,10 @@ def write_csv(records: List[Dict], path: Union[str, Path]) -> Path:
 def plot_metrics(records: List[Dict], path: Union[str, Path]) -> Optional[Path]:
     """PNG with three panels: training loss (and per-source losses), online probe accuracy,
     images/sec, each against the step (skipped, returning None, without matplotlib)."""
-    try:
-        import matplotlib
-    except Exception:  # not installed (the lent GPU machine): the JSONL/CSV records stand alone
+    from .plotting import pyplot
+    plt, _ = pyplot()
+    if plt is None:  # not installed (the lent GPU machine): the JSONL/CSV records stand alone
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     def series(key):
         pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]

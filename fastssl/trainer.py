@@ -75,13 +75,6 @@ def _reset_accelerate_state() -> None:
         pass
 
 
-def _source_names(data_cfg: Dict[str, Any]):
-    out = []
-    for i, s in enumerate(data_cfg.get("sources") or []):
-        out.append(str(s.get("name") or f"source{i}") if isinstance(s, dict) else f"source{i}")
-    return out
-
-
 def make_accelerator(cfg: RunConfig):
     """The run's Accelerator (CPU unless CUDA is there and ``train.device`` allows it)."""
     from accelerate import Accelerator
@@ -118,7 +111,7 @@ def train(cfg: RunConfig, *, out: Optional[str] = None, force: bool = False) -> 
     if world > 1 and t.sync_bn and accelerator.device.type == "cuda":
         # SyncBatchNorm runs on CUDA only; CPU (gloo) runs keep per-rank BatchNorm
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    meters = Meters(accelerator.device, len(_source_names(cfg.data)))
+    meters = Meters(accelerator.device, len(parts.loader.sources))
     ckpt, start = _resume(cfg, run_dir, parts, module, meters, rank, world, force)
     if ckpt is not None and start == parts.total and _complete(cfg, run_dir):
         return _already_complete(cfg, run_dir, parts, start, main)
@@ -227,7 +220,7 @@ def _run(cfg, run_dir, parts, module, meters, accelerator, ckpt, start, eval_sou
         from tqdm import tqdm
         bar = tqdm(total=parts.total, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stderr)
     loop = Loop(cfg=cfg, parts=parts, accelerator=accelerator, step_fn=step_fn, meters=meters, logger=logger,
-                batches=batches, run_dir=run_dir, source_names=_source_names(cfg.data), start=start,
+                batches=batches, run_dir=run_dir, source_names=list(parts.loader.mixture.names), start=start,
                 loader_state=loader_state_for(ckpt, rank, world) if ckpt is not None else parts.loader.state_dict(),
                 last_ckpt=ckpt["_path"] if ckpt is not None else None, idx_log=idx_log, bar=bar)
     t0 = time.perf_counter()

@@ -116,13 +116,13 @@ def test_vae_loss_follows_the_published_formula():
     m = tiny_vae_method()
     m.train()
     v = views(n=1)
-    draws = m.draws
+    draws = m.noise.draws
     out = m(v)
-    assert m.draws == draws + 1
+    assert m.noise.draws == draws + 1
     vae = m.backbone
     x = vae.to_space(v[0])
     mu, logvar = vae.encode(x)
-    m.draws = draws   # the same posterior noise again
+    m.noise.draws = draws   # the same posterior noise again
     z = mu + torch.exp(0.5 * logvar) * m.posterior_noise(mu)
     recon = vae.decode(z)
     mse = F.mse_loss(recon, x)
@@ -144,10 +144,10 @@ def test_vae_training_steps_reduce_the_loss_on_a_fixed_batch():
     assert m.recipe["optimizer"] == "adamw" and tuple(m.recipe["betas"]) == (0.0, 0.9)
 
     def loss():
-        draws, m.draws = m.draws, 0   # the same posterior noise each time
+        draws, m.noise.draws = m.noise.draws, 0   # the same posterior noise each time
         with torch.no_grad():
             value = m(v).loss.item()
-        m.draws = draws
+        m.noise.draws = draws
         return value
 
     before = loss()

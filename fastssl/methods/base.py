@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from fastssl.optim import cosine_increase
 
-__all__ = ["Method", "MethodOutput", "RECIPE_DEFAULTS", "momentum_copy", "ema_update", "encode_views"]
+__all__ = ["Method", "MethodOutput", "NoiseStream", "RECIPE_DEFAULTS", "momentum_copy", "ema_update", "encode_views"]
 
 #: Optimisation recipe keys every method has (values per 256 images; overridden by ``Method.defaults``).
 #: REFERENCE §1: warmup-cosine per step, 1000 warmup steps from 3e-5, min lr 0, online linear
@@ -53,6 +53,26 @@ class MethodOutput:
     features: torch.Tensor
     per_sample_loss: torch.Tensor | None = None
     logs: dict = field(default_factory=dict)
+
+
+class NoiseStream:
+    """A method's own random stream, for randomness drawn inside ``forward`` (VAE posterior noise,
+    IMLE codes): call ``k`` on rank ``r`` of ``W`` uses a generator seeded from ``(seed, k * W + r)``.
+    ``seed`` (from the global RNG at construction, i.e. the run's seed) and the call count live
+    in the method's extra state, so a resumed run draws what the uninterrupted one did (the global
+    RNG cannot promise that). Python ints only: no host sync."""
+
+    def __init__(self):
+        self.seed = int(torch.randint(0, 2**62, ()).item())
+        self.draws = 0
+
+    def generator(self, device) -> torch.Generator:
+        from fastssl.distributed import get_rank, get_world_size
+        from loaders.augment.params import make_generator
+
+        g = make_generator(device, self.seed, self.draws * get_world_size() + get_rank(), 0)
+        self.draws += 1
+        return g
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:
@@ -175,12 +195,19 @@ class Method(nn.Module):
     def get_extra_state(self) -> dict:
         """``{"progress": float, "tau": float}``: the schedule state that is not a tensor (stored
         under ``"_extra_state"`` in ``state_dict()``; plain floats, ``torch.load(weights_only=True)``-safe)."""
-        return {"progress": float(self.progress), "tau": float(self.tau)}
+        state = {"progress": float(self.progress), "tau": float(self.tau)}
+        noise = getattr(self, "noise", None)
+        if noise is not None:  # a method with its own random stream (NoiseStream)
+            state.update(noise_seed=noise.seed, draws=noise.draws)
+        return state
 
     def set_extra_state(self, state: dict) -> None:
         """Restore what :meth:`get_extra_state` returned."""
         self.progress = float(state["progress"])
         self.tau = float(state["tau"])
+        noise = getattr(self, "noise", None)
+        if noise is not None:
+            noise.seed, noise.draws = int(state["noise_seed"]), int(state["draws"])
 
     # -- optimisation --------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

@@ -17,9 +17,8 @@ import torch
 import torch.nn as nn
 
 from fastssl.methods import register_method
-from fastssl.methods.base import Method, MethodOutput
+from fastssl.methods.base import Method, MethodOutput, NoiseStream
 from fastssl.models.generator import ConditionalGenerator
-from loaders.augment.params import make_generator
 
 __all__ = ["IMLE", "corrupt", "check_corruptions", "CORRUPTIONS"]
 
@@ -119,29 +118,13 @@ class IMLE(Method):
         self.num_samples = int(num_samples)
         self.corruptions = tuple(corruptions)
         self.mask_range = (float(mask_range[0]), float(mask_range[1]))
-        #: the corruptions' and codes' own random stream (see :meth:`draw_generator`); the base
-        #: seed comes from the global RNG at construction (the run's seed)
-        self.noise_seed = int(torch.randint(0, 2**62, ()).item())
-        self.draws = 0
+        #: the corruptions' and codes' own random stream (see :meth:`draw_generator`)
+        self.noise = NoiseStream()
 
     def draw_generator(self, device) -> torch.Generator:
-        """A ``torch.Generator`` on ``device`` seeded from ``(noise_seed, draws * W + rank)``;
-        ``draws`` counts the calls. Both are in the extra state, so a resumed run draws what the
-        uninterrupted one did (the global RNG is not: the loader draws from it when it starts);
-        ranks draw different corruptions and codes. No host sync (Python ints)."""
-        dist = torch.distributed
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
-            else (0, 1)
-        g = make_generator(device, self.noise_seed, self.draws * world + rank, 0)
-        self.draws += 1
-        return g
-
-    def get_extra_state(self) -> dict:
-        return {**super().get_extra_state(), "noise_seed": self.noise_seed, "draws": self.draws}
-
-    def set_extra_state(self, state: dict) -> None:
-        super().set_extra_state(state)
-        self.noise_seed, self.draws = int(state["noise_seed"]), int(state["draws"])
+        """The next generator of the method's :class:`NoiseStream` (in the state; ranks draw
+        different corruptions and codes)."""
+        return self.noise.generator(device)
 
     def check_views(self, views: list[torch.Tensor]) -> None:
         if len(views) != 1:

@@ -7,9 +7,8 @@ from typing import Sequence
 
 import torch
 
-from fastssl.distributed import get_rank
 from fastssl.methods import register_method
-from fastssl.methods.base import Method, MethodOutput
+from fastssl.methods.base import Method, MethodOutput, NoiseStream
 from fastssl.models.vae import CIFAR_MEAN, CIFAR_STD, VAE
 from loaders.errors import ConfigError
 
@@ -82,28 +81,14 @@ class VAEMethod(Method):
             raise ConfigError(f"vae: {e}") from e
         super().__init__(backbone=vae, feat_dim=latent)
         self.kl_weight = float(kl_weight)
-        #: the posterior noise's own random stream (see :meth:`posterior_noise`); the base seed
-        #: comes from the global RNG at construction (the run's seed)
-        self.noise_seed = int(torch.randint(0, 2**62, ()).item())
-        self.draws = 0
+        #: the posterior noise's own random stream (see :meth:`posterior_noise`)
+        self.noise = NoiseStream()
 
     def posterior_noise(self, mu: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise like ``mu`` from a generator seeded with ``(noise_seed, draws,
-        rank)``; ``draws`` counts the calls. Both are in the extra state, so a resumed run draws
-        what the uninterrupted one did (the global RNG is not: the loader draws from it when it
-        starts). No host sync (Python ints)."""
-        seed = (self.noise_seed + 1_000_003 * self.draws + 7_919 * get_rank()) % 2**63
-        self.draws += 1
-        gen = torch.Generator(device=mu.device)
-        gen.manual_seed(seed)
+        """Standard normal noise like ``mu`` from the method's :class:`NoiseStream` (in the
+        state: a resumed run draws what the uninterrupted one did)."""
+        gen = self.noise.generator(mu.device)
         return torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
-
-    def get_extra_state(self) -> dict:
-        return {**super().get_extra_state(), "noise_seed": self.noise_seed, "draws": self.draws}
-
-    def set_extra_state(self, state: dict) -> None:
-        super().set_extra_state(state)
-        self.noise_seed, self.draws = int(state["noise_seed"]), int(state["draws"])
 
     def forward(self, views: list[torch.Tensor]) -> MethodOutput:
         self.check_views(views)

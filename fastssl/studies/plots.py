@@ -59,12 +59,10 @@ def make_plots(sweep_dir: Path, rows: Sequence[Dict[str, Any]], kind: str, varyi
     metrics = [(m, lab) for m, lab in _METRICS if any(r.get(m) is not None and r["state"] == "done" for r in rows)]
     if not metrics:
         return [], ["no plot: no done point with evaluation numbers yet"]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        return [], [f"plots skipped: matplotlib is not installed ({e}); the tables are complete"]
+    from ..plotting import pyplot
+    plt, why = pyplot()
+    if plt is None:
+        return [], [f"plots skipped: matplotlib is not installed ({why}); the tables are complete"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     panels = []
     for ax, (metric, label) in zip(axes[0], metrics):

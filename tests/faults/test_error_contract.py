@@ -3,27 +3,14 @@ the key or file and the problem, exit status 2, and nothing written."""
 import sys
 
 import pytest
-import yaml
+from test_cli import _cfg as cli_config
 
 from fastssl.cli import EXIT_USAGE, main
 
 
 def _cfg(tmp_path):
-    cfg = {
-        "name": "contract",
-        "data": {"sources": [{"name": "syn", "type": "synthetic", "n": 32, "size": 16}],
-                 "batch_size": 16, "num_workers": 0},
-        "augment": {"preset": "symmetric", "size": 16},
-        "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_output_dim": 16},
-        "model": {"width": 4},
-        "optim": {"warmup_steps": 1},
-        "train": {"steps": 2},
-        "eval": {"enabled": False},
-        "log": {"progress": False, "tensorboard": False, "plot": False},
-    }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """test_cli's tiny run, without eval sources and the plot."""
+    return cli_config(tmp_path, eval__enabled=False, eval__train=None, eval__test=None, log__plot=False)
 
 
 BAD = [  # (overrides, words the one line must hold)
