@@ -20,8 +20,9 @@ extras = {
     "wds": ["webdataset>=0.2"],
     "vit": ["timm>=1.0"],
     "bench": ["kornia>=0.7"],
-    # the torch backend's fast CPU path: OpenCV resize/augment, simplejpeg's libjpeg-turbo decode
-    "fast": ["opencv-python-headless", "simplejpeg>=1.7"],
+    # the torch backend's fast CPU path: OpenCV resize/augment, simplejpeg's libjpeg-turbo decode,
+    # numba's fused colour chain and normalisation (loaders.augment.fused_colour / fused_normalize)
+    "fast": ["opencv-python-headless", "simplejpeg>=1.7", "numba>=0.58"],
     # log.wandb: offline | online (fastssl.metrics_log)
     "wandb": ["wandb>=0.16"],
     # fastssl sweep / study --launcher local-jobs | slurm (fastssl.studies.launchers)

@@ -7,9 +7,15 @@ Three variants, measured in interleaved rounds (each: warm-up steps, then a time
   the model can do when data is free. It is :class:`fastssl.step.TrainStep` built by
   :func:`fastssl.build.build_training` -- the very step ``fastssl pretrain`` takes (method and
   online probe forward, backward, update, EMA), with the method's published optimizer;
-* ``real``        -- the same step fed by the run's own loader (decode + crop in its workers)
-  and device path (:func:`fastssl.loop.device_batches`: copy ahead, augmentation engine);
-* ``loader-only`` -- the same loader + augmentation with no model: what the data path can deliver.
+* ``real``        -- the same step fed by the run's own data stream (:class:`loaders.stream.Stream`
+  via :func:`fastssl.loop.device_batches`: the backend, augmentation where ``augment.where``
+  says, the copy to the device);
+* ``loader-only`` -- the same stream with no model: what the data path can deliver.
+
+``--where workers,device`` measures ``real`` and ``loader-only`` for each place augmentation can
+run, side by side in the same rounds (the first place gets the plain ``real/<backend>/<format>``
+keys, the others ``...@<where>``); ``auto`` is the run's default (the loader workers on a CPU-only
+machine, the device with a GPU). The resolved places are in the record's ``config.where``.
 
 ``real / model-only`` near 1 means compute-bound (the data path keeps up); well below 1 means
 data-bound. On a CPU-only machine the loader's workers and the model share the same cores, so
@@ -33,7 +39,7 @@ __all__ = ["run", "build_run", "verdict", "add_arguments", "from_args"]
 def build_run(source_cfg: Dict, *, method: str, backbone: str, width: int, cifar_stem: bool, preset: str,
               size: int, views: int, batch_size: int, num_workers: int, device: str, seed: int = 0,
               backend: str = "torch", mixed_precision: str = "no", channels_last: Optional[bool] = None,
-              compile: bool = False, overrides: Sequence[str] = ()):
+              compile: bool = False, overrides: Sequence[str] = (), where: str = "auto"):
     """``(parts, accelerator, step)``: the training run's own parts and step
     (:func:`fastssl.build.build_training`, :class:`fastssl.step.TrainStep`) for a config that
     reads ``source_cfg`` with ``backend`` (torch: decode + crop in workers; resident: the images
@@ -55,7 +61,7 @@ def build_run(source_cfg: Dict, *, method: str, backbone: str, width: int, cifar
         "data": {"sources": [dict(source_cfg)], "seed": seed, "backend": backend, "batch_size": batch_size,
                  "num_workers": num_workers, "on_error": "raise", "image_size": size,
                  "crop_in_decode": backend != "resident", "pin_memory": device.startswith("cuda")},
-        "augment": {"preset": preset, "size": size},
+        "augment": {"preset": preset, "size": size, "where": where},
         "method": {"name": method},
         "model": {"backbone": backbone, "width": width, "cifar_stem": cifar_stem},
         "optim": {"warmup_steps": 0},
@@ -147,14 +153,14 @@ def plain_pytorch(*, method: str, backbone: str, width: int, cifar_stem: bool, b
         yield None, batch_size
 
 
-def real_data(parts, accelerator, *, step=None, seed: int = 0) -> Iterator[Tuple[None, int]]:
+def real_data(parts, accelerator, *, step=None, seed: int = 0, stream=None) -> Iterator[Tuple[None, int]]:
     """Endless training steps (or, with ``step=None``, loader + augmentation only) on the run's
-    own loader and device augmentation (:func:`fastssl.loop.device_batches`)."""
+    own data stream (``stream``: another place augmentation runs; default ``parts.stream``),
+    as the trainer iterates it (:func:`fastssl.loop.device_batches`)."""
     from fastssl.loop import device_batches
 
     device = accelerator.device
-    batches = device_batches(parts.loader, device, parts.aug, crop=not parts.crop_in_decode, rank=0, world=1,
-                             recipes=parts.recipes, start_step=0)
+    batches = device_batches(stream if stream is not None else parts.stream)
     try:
         for views, batch in batches:
             if step is not None:
@@ -185,7 +191,7 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
         window_s: float = 10.0, warmup: int = 2, device: Optional[str] = None, cache=None, out_dir=None,
         command: Optional[str] = None, progress: bool = True, seed: int = 0, backend: str = "torch",
         mixed_precision: str = "no", channels_last: Optional[bool] = None, compile: bool = False,
-        overrides: Sequence[str] = (), baseline_method: Optional[str] = None):
+        overrides: Sequence[str] = (), baseline_method: Optional[str] = None, wheres: Sequence[str] = ("auto",)):
     """Measure model-only, plain-pytorch, real and loader-only rates; write a record (+ PNG) and
     return its path. ``overrides``: config ``key=value`` on top (a method's files, ``recipes``);
     the plain loop is then left out (it builds the method from its defaults only).
@@ -207,7 +213,9 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
     speed = dict(mixed_precision=mixed_precision, channels_last=channels_last, compile=compile)
     run_kw = dict(**speed, preset=preset, size=size, views=views, batch_size=batch_size, num_workers=cores,
                   device=device, seed=seed, backend=backend)
-    parts, accelerator, step = build_run(data.source_config(fmt), **model_kw, **run_kw, overrides=overrides)
+    wheres = list(wheres) or ["auto"]
+    parts, accelerator, step = build_run(data.source_config(fmt), **model_kw, **run_kw, overrides=overrides,
+                                         where=wheres[0])
     dev = accelerator.device
     tag = f"{backend}/{fmt}"
     shape = dict(batch_size=batch_size, size=size, views=views, device=dev, seed=seed)
@@ -219,10 +227,14 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
         _, _, base_step = build_run(data.source_config(fmt), **{**model_kw, "method": baseline_method}, **run_kw)
         variants.append(Variant(f"model-only/{baseline_method}", "baseline",
                                 lambda: model_only(base_step, **shape)))
-    variants += [
-        Variant(f"real/{tag}", "e2e", lambda: real_data(parts, accelerator, step=step, seed=seed)),
-        Variant(f"loader-only/{tag}", "ours", lambda: real_data(parts, accelerator, step=None, seed=seed)),
-    ]
+    streams = {"": parts.stream}
+    for w in wheres[1:]:
+        streams[f"@{w}"] = parts.stream.with_where(w)
+    for suffix, st in streams.items():
+        variants += [
+            Variant(f"real/{tag}{suffix}", "e2e", lambda st=st: real_data(parts, accelerator, step=step, stream=st)),
+            Variant(f"loader-only/{tag}{suffix}", "ours", lambda st=st: real_data(parts, accelerator, stream=st)),
+        ]
     res = measure_rounds(variants, repeats=repeats, seconds=window_s, warmup=warmup, progress=progress)
     _verdicts(res, tag, baseline_method)
     config = {**model_kw, "dataset": dataset, "n": n, "view_px": size, "format": fmt, "backend": backend,
@@ -231,6 +243,7 @@ def run(*, method: str = "simclr", backbone: str = "resnet18", width: int = 64, 
               "warmup_steps": warmup, "generator": data.generator, "seed": seed, **speed,
               "overrides": list(overrides), "baseline_method": baseline_method,
               "channels_last_used": parts.channels_last,
+              "where": {f"{tag}{k}": st.where for k, st in streams.items()}, "where_requested": wheres,
               "step": "fastssl.step.TrainStep (method + online probe, as fastssl pretrain)",
               "plain-pytorch": "the same method module and optimizer in a plain loop (no probe, no trainer)",
               "unit": "training samples/s (each sample = `views` views)"}
@@ -281,8 +294,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="default: symmetric, at the set's size")
     p.add_argument("--cache", default=None)
     p.add_argument("--out", default=None)
-    p.add_argument("--backend", default="torch", choices=["torch", "resident"],
-                   help="torch: decode + crop in loader workers; resident: images held on the device")
+    p.add_argument("--backend", default="torch", choices=["torch", "resident", "dali"],
+                   help="torch: decode + crop in loader workers; resident: images held on the device; "
+                        "dali: a DALI pipeline (with --where dali it runs the whole recipe)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last model and views (default: on CUDA)")
@@ -290,6 +304,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override on top of the benchmark's run (repeatable), e.g. method.vae_path=... "
                         "or 'recipes=[{name: isicle}]'")
+    p.add_argument("--where", default="auto",
+                   help="where augmentation runs, comma-separated to compare side by side: auto | device | "
+                        "workers | dali (e.g. workers,device)")
     p.add_argument("--baseline-method", default=None,
                    help="also measure this method's model-only rate in the same rounds (per-step cost ratio)")
 
@@ -300,4 +317,5 @@ def from_args(args, command: str):
                num_workers=args.workers, repeats=args.repeats, window_s=args.window, warmup=args.warmup,
                device=args.device, preset=args.preset, cache=args.cache, out_dir=args.out, command=command,
                backend=args.backend, mixed_precision=args.mixed_precision, channels_last=args.channels_last,
-               compile=args.compile, overrides=args.overrides, baseline_method=args.baseline_method)
+               compile=args.compile, overrides=args.overrides, baseline_method=args.baseline_method,
+               wheres=[w.strip() for w in args.where.split(",") if w.strip()])

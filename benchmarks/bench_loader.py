@@ -177,6 +177,25 @@ def ours(source_cfg: Dict, *, backend: str, mode: str, crops, augment, batch_siz
         del it, loader
 
 
+def through_stream(source_cfg: Dict, *, where: str, augment, batch_size: int, num_workers: int, image_size: int,
+                   seed: int = 0, options: Optional[Dict] = None,
+                   worker_precision: str = "uint8") -> Iterator[Tuple[object, int]]:
+    """The full recipe through the data stream the trainer iterates (:class:`loaders.stream.Stream`,
+    augmentation at ``where``, on the CPU); yields ``(batch, n)`` of final float32 views."""
+    from loaders.stream import Stream
+    cfg = _data_cfg(source_cfg, backend="torch", batch_size=batch_size, num_workers=num_workers,
+                    image_size=image_size, seed=seed)
+    cfg["backend_options"] = dict(options or {})
+    stream = Stream(cfg, augment, where=where, device="cpu", worker_precision=worker_precision)
+    it = iter(stream)
+    try:
+        for batch in it:
+            yield batch, len(batch)
+    finally:
+        close_iter(it)
+        del it, stream
+
+
 def crop_only(aug):
     """The crop-only recipe of the engine ``aug``: each view's random-resized-crop and flip, then
     its normalisation (no colour ops) -- the device-side equivalent of the feed mode's crop+flip."""
@@ -278,6 +297,7 @@ def stage_breakdown(data: BenchData, *, fmt: str, images: int, crops, augment, b
     """
     import torch
 
+    from loaders.augment.sampler import batch_key
     from loaders.mixture import Mixture, Plan
     from loaders.torch_backend import BatchMaker
 
@@ -300,9 +320,8 @@ def stage_breakdown(data: BenchData, *, fmt: str, images: int, crops, augment, b
         t0 = time.perf_counter()
         imgs = [[_decode_pil(x) for x in batch] for batch in raw]
         rec("decode", n, time.perf_counter() - t0)
-        rng = np.random.default_rng([seed, r])
         t0 = time.perf_counter()
-        views = [maker._crop_views(batch, rng) for batch in imgs]
+        views = [maker._crop_views(batch, batch_key(seed, 0, r * nb + k)) for k, batch in enumerate(imgs)]
         rec("crop", n, time.perf_counter() - t0)
         batches = [Batch(v, index=torch.from_numpy(p[2]), source=torch.from_numpy(p[0]),
                          label=torch.zeros(len(p[0]), dtype=torch.long)) for v, p in zip(views, plans)]
@@ -434,14 +453,22 @@ def build_variants(data: BenchData, *, modes: Sequence[str], backends: Dict[str,
             # engine. uint8 precision (rounding per op, as the torchvision/PIL baseline does); views
             # travel as uint8 through the shared slab ring and are normalised in the main process
             # into recycled buffers (hook.finish), ~8% faster than float output even at 32 px.
-            from loaders.cpu_augment import WorkerAugment
-            hook = WorkerAugment(aug, output="uint8", precision="uint8")
+            # Measured through the data stream the trainer iterates (augment.where=workers).
             for f in [f for f in formats if f in data.formats]:
                 scfg = data.source_config(f)
                 variants.append(Variant(f"{tag}/full/torch-worker-augment/{f}", "ours", (
-                    lambda scfg=scfg: ours(scfg, backend="torch", mode="full", crops=hook.crop_specs, augment=hook,
-                                           batch_size=batch_size, num_workers=num_workers, image_size=size,
-                                           seed=seed, options={"worker_augment": hook, "decoder": "cv2"}))))
+                    lambda scfg=scfg: through_stream(scfg, where="workers", augment=aug, batch_size=batch_size,
+                                                     num_workers=num_workers, image_size=size, seed=seed,
+                                                     options={"decoder": "cv2"}))))
+                # the same hook driven by hand (no stream; kind "reference", not a target candidate):
+                # the stream must add no cost over it
+                from loaders.cpu_augment import WorkerAugment
+                hook = WorkerAugment(aug, output="uint8", precision="uint8")
+                variants.append(Variant(f"{tag}/full/torch-worker-augment-hook/{f}", "reference", (
+                    lambda scfg=scfg, hook=hook: ours(scfg, backend="torch", mode="full", crops=hook.crop_specs,
+                                                      augment=hook, batch_size=batch_size, num_workers=num_workers,
+                                                      image_size=size, seed=seed,
+                                                      options={"worker_augment": hook, "decoder": "cv2"}))))
         if "torchvision" in baselines and mode == "full":
             variants.append(Variant(f"{tag}/full/baseline-torchvision", "baseline", lambda: B.torchvision_simclr(
                 str(data.folder), size=size, batch_size=batch_size, num_workers=cores, views=views,
@@ -567,7 +594,9 @@ def _csv(s: str) -> List[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sets", type=_csv, default=["cifar", "imagenet"], help="cifar (32 px), imagenet (256->224 px)")
+    p.add_argument("--sets", type=_csv, default=["cifar", "imagenet"],
+                   help="cifar (32 px), imagenet (256->224 px); inet (500x375) and yfcc (1024x768): the feed "
+                        "comparison with reduced-scale decode (benchmarks/bench_feed.py, its own record)")
     p.add_argument("--n", type=int, default=None, help="images per set (default: cifar 4096, imagenet 512)")
     p.add_argument("--modes", type=_csv, default=["full", "feed"])
     p.add_argument("--backends", type=_csv, default=["torch", "dali", "ffcv", "resident"])
@@ -589,6 +618,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def from_args(args, command: str) -> "os.PathLike":
+    from .bench_feed import FEED_SETS, run_feed
+    feed = [s for s in args.sets if s in FEED_SETS]
+    if feed:  # the large-JPEG feed comparison (reduced-scale decode): its own variants and record
+        path = run_feed(sets=feed, n=args.n, views=args.views, batch_size=args.batch_size or 64,
+                        workers=args.workers, repeats=args.repeats, window_s=args.window, warmup=args.warmup,
+                        cache=args.cache, out_dir=args.out, command=command, seed=0)
+        args.sets = [s for s in args.sets if s not in FEED_SETS]
+        if not args.sets:
+            return path
     n = {s: args.n for s in args.sets} if args.n else None
     bs = {s: args.batch_size for s in args.sets} if args.batch_size else None
     return run(sets=args.sets, n=n, modes=args.modes, backends=args.backends, formats=args.formats,

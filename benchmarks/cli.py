@@ -1,7 +1,8 @@
 """``fastssl bench ...`` (and ``python -m benchmarks.cli ...``): the throughput benchmarks.
 
 Subcommands: ``loader``, ``e2e``, ``scaling``, ``augment`` (``benchmarks/bench_augment.py``, when
-present), ``data`` (write the benchmark sets) and ``report`` (plots + README section from the
+present), ``lists`` (opening a 10M-row CSV/Parquet file list: ``benchmarks/bench_data.py``),
+``data`` (write the benchmark sets) and ``report`` (plots + README section from the
 records). Each measuring command writes one JSON record and a PNG under ``benchmarks/results/``
 and prints their paths.
 """
@@ -52,6 +53,18 @@ def _cmd_data(args) -> int:
         d = make_bench_data(s, n=args.n or {"cifar": 4096, "imagenet": 512}[s], root=args.cache)
         print(f"{s}: {d.root} formats={sorted(d.formats)} missing={d.missing}")
     return 0
+
+
+def _add_lists(p) -> None:
+    from .bench_data import add_arguments, from_args
+    add_arguments(p)
+    p.set_defaults(func=lambda args: _done(from_args(args, _command(args))))
+
+
+def _add_remote(p) -> None:
+    from .bench_remote import add_arguments, from_args
+    add_arguments(p)
+    p.set_defaults(func=lambda args: _done(from_args(args, _command(args))))
 
 
 def _cmd_report(args) -> int:
@@ -113,6 +126,12 @@ def add_subcommands(subparsers) -> None:
     bench_scaling.add_arguments(p)
     p.set_defaults(func=_cmd_scaling)
     _add_augment(subparsers)
+    p = subparsers.add_parser("lists", help="open a 10M-row CSV/Parquet file list: seconds, peak RSS, worker "
+                                            "sharing, vs the old reader (benchmarks/bench_data.py)")
+    _add_lists(p)
+    p = subparsers.add_parser("remote", help="shards read from an S3 server on loopback (moto) vs local disk: "
+                                             "per-sample ranges, batched prefetch, cache (benchmarks/bench_remote.py)")
+    _add_remote(p)
     p = subparsers.add_parser("data", help="write the benchmark data sets (cached under .cache/bench)")
     p.add_argument("--sets", type=bench_loader._csv, default=["cifar", "imagenet"])
     p.add_argument("--n", type=int, default=None)

@@ -5,12 +5,15 @@
 train with and evaluation rebuilds exactly the trained architecture. Everything that can
 reject the user's input runs here, before a run directory is written.
 
-* :func:`build_augment` -- ``augment:`` -> :class:`loaders.augment.Augment`;
+* :func:`build_augment` -- ``augment:`` -> :class:`loaders.augment.Augment` (the stream's keys
+  ``where``/``worker_precision`` are taken off: :func:`augment_placement`);
 * :func:`build_backbone` -- ``model:`` -> ``(backbone [B,3,H,W] -> [B, D], D)``;
 * :func:`build_method` -- ``method:`` on that backbone;
 * :func:`optim_recipe` -- the method's published optimisation recipe under ``optim:``;
-* :func:`build_training` -- all of the above plus the loader, the online probe, the
-  optimizers, the run length and the recipes, as :class:`Parts`.
+* :func:`build_stream` -- the data stream (:class:`loaders.stream.Stream`: backend, where
+  augmentation runs, prefetch to the device, the loader cursor);
+* :func:`build_training` -- all of the above plus the online probe, the optimizers, the run
+  length and the recipes, as :class:`Parts`.
 """
 from __future__ import annotations
 
@@ -24,9 +27,9 @@ from loaders.errors import ConfigError
 
 from .config import RunConfig
 
-__all__ = ["Parts", "build_augment", "build_backbone", "build_method", "optim_recipe",
-           "build_optimizers", "run_length", "apply_speed_options", "check_labels", "build_training",
-           "build_eval_sources"]
+__all__ = ["Parts", "build_augment", "augment_placement", "build_stream", "recipe_strength", "build_backbone",
+           "build_method", "optim_recipe", "build_optimizers", "run_length", "apply_speed_options", "check_labels",
+           "build_training", "build_eval_sources"]
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Parts:
     """What a training run is made of (before ``accelerator.prepare``)."""
 
     aug: Any
+    #: the backend loader (sources, mixture, skip counts); iterate ``stream``, not this
     loader: Any
     method: Any
     probe: Optional[torch.nn.Module]
@@ -54,13 +58,25 @@ class Parts:
     lr_scale: List[float] = field(default_factory=list)
     #: the model and its input views use the channels-last memory format
     channels_last: bool = False
+    #: the data stream (:class:`loaders.stream.Stream`): what the loop iterates and checkpoints
+    stream: Any = None
+
+
+#: keys of the ``augment:`` section that configure the stream, not the recipe
+PLACEMENT_KEYS = {"where": "auto", "worker_precision": "uint8"}
+
+
+def augment_placement(section: Dict[str, Any]) -> Dict[str, Any]:
+    """``{"where": ..., "worker_precision": ...}`` of the ``augment:`` section (defaults filled)."""
+    return {k: (section or {}).get(k, v) for k, v in PLACEMENT_KEYS.items()}
 
 
 def build_augment(section: Dict[str, Any]):
-    """``{preset: NAME, **overrides}`` -> ``Augment.from_preset``; else ``Augment.from_config``."""
+    """``{preset: NAME, **overrides}`` -> ``Augment.from_preset``; else ``Augment.from_config``
+    (the placement keys, :data:`PLACEMENT_KEYS`, are not part of the recipe)."""
     from loaders.augment import Augment
 
-    section = dict(section)
+    section = {k: v for k, v in dict(section).items() if k not in PLACEMENT_KEYS}
     preset = section.pop("preset", None)
     if preset is not None:
         return Augment.from_preset(preset, **section)
@@ -196,11 +212,39 @@ def build_eval_sources(cfg: RunConfig, data: Optional[Dict[str, Any]] = None):
     return tuple(out)
 
 
+def recipe_strength(recipes):
+    """``strength_fn(batch)`` giving the first per-sample strength a recipe sets, or None when no
+    recipe has a ``strength`` hook (then augmentation may run in the workers or DALI)."""
+    from .recipes import Recipe
+
+    givers = [r for r in recipes if type(r).strength is not Recipe.strength]
+    if not givers:
+        return None
+
+    def strength(batch):
+        for r in givers:
+            s = r.strength(batch.index)
+            if s is not None:
+                return s
+        return None
+    return strength
+
+
+def build_stream(cfg: RunConfig, aug, *, rank: int = 0, world: int = 1, device="cpu", recipes=()):
+    """The run's :class:`loaders.stream.Stream`: the configured backend with augmentation where
+    ``augment.where`` says (``auto``: the loader workers on a CPU-only machine, the device with
+    a GPU), copied to ``device``."""
+    from loaders.stream import Stream
+
+    place = augment_placement(cfg.augment)
+    return Stream(cfg.data, aug, where=place["where"], device=device, rank=rank, world_size=world,
+                  strength_fn=recipe_strength(recipes), worker_precision=place["worker_precision"])
+
+
 def build_training(cfg: RunConfig, *, rank: int = 0, world: int = 1, device="cpu") -> Parts:
     """Every part of a pretraining run, validated (nothing is written); ``device`` is where the
-    run trains (the model's memory format and a device-resident loader depend on it)."""
-    from loaders.pipeline import build_loader
-
+    run trains (the model's memory format, where augmentation runs and a device-resident loader
+    depend on it)."""
     from .probe import OnlineProbe
     from .recipes import build_recipes
 
@@ -212,10 +256,12 @@ def build_training(cfg: RunConfig, *, rank: int = 0, world: int = 1, device="cpu
             raise ConfigError(f"log.wandb={cfg.log.wandb} needs the wandb package: "
                               f"pip install 'fastssl[wandb]' ({e})") from e
     aug = build_augment(cfg.augment)
-    loader = build_loader(cfg.data, crops=list(aug.crop_specs), rank=rank, world_size=world, device=device)
+    recipes = build_recipes(cfg.recipes)
+    stream = build_stream(cfg, aug, rank=rank, world=world, device=device, recipes=recipes)
+    loader = stream.loader
     # the loader cut the views while decoding, or (crop_in_decode: false, resident backend) hands
     # over whole images that the engine crops on the device
-    crop_in_decode = getattr(loader, "crops", None) is not None
+    crop_in_decode = stream.crops_in_decode
     if t.probe:
         check_labels(loader.sources, t.num_classes)
     images_per_step = int(cfg.data.get("batch_size", 256)) * world * t.grad_accum
@@ -225,8 +271,8 @@ def build_training(cfg: RunConfig, *, rank: int = 0, world: int = 1, device="cpu
     total = run_length(cfg, loader, images_per_step, recipe)
     probe = OnlineProbe(feat_dim, t.num_classes) if t.probe else None
     optimizer, probe_opt, lr = build_optimizers(method, probe, recipe, images_per_step)
-    recipes = build_recipes(cfg.recipes)
     return Parts(aug=aug, loader=loader, method=method, probe=probe, optimizer=optimizer,
                  probe_opt=probe_opt, recipes=recipes, recipe=recipe, lr=lr, total=total,
                  images_per_step=images_per_step, feat_dim=feat_dim, crop_in_decode=crop_in_decode,
-                 lr_scale=[g.get("lr_scale", 1.0) for g in optimizer.param_groups], channels_last=channels_last)
+                 lr_scale=[g.get("lr_scale", 1.0) for g in optimizer.param_groups], channels_last=channels_last,
+                 stream=stream)

@@ -45,7 +45,9 @@ Typed sections (``model``, ``optim``, ``train``, ``eval``, ``log``) are checked 
 unknown key raises :class:`~loaders.errors.ConfigError` naming the closest valid key, a value
 of the wrong type names the key, the expected type and what it got. Open sections are passed
 through to the component that owns their schema: ``data`` to ``loaders.pipeline.build_loader``,
-``augment`` (``{preset: NAME, **overrides}``) to ``loaders.augment.Augment``, ``method``
+``augment`` (``{preset: NAME, **overrides}``) to ``loaders.augment.Augment`` (its placement keys
+``where``: auto | device | workers | dali and ``worker_precision``: uint8 | float go to the data
+stream, :class:`loaders.stream.Stream`, and are checked here), ``method``
 (``{name: NAME, **hparams}``) to ``fastssl.methods.build_method`` and ``recipes`` (a list of
 ``{name: NAME, **keys}``, e.g. ``[{name: bcl, beta: 0.97}]``) to the recipe registry; here
 ``recipes`` is only checked to be a list of mappings with a string ``name``.
@@ -621,6 +623,15 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'log.wandb': expected null, offline or online, got {cfg.log.wandb!r}")
     if cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps < 0:
         raise ConfigError(f"config key 'optim.warmup_steps': must be >= 0, got {cfg.optim.warmup_steps}")
+    _validate_placement(cfg.augment)
+
+
+def _validate_placement(section: Mapping[str, Any]) -> None:
+    """``augment.where`` / ``augment.worker_precision``: the values the data stream knows."""
+    from loaders.stream import WHERE, WORKER_PRECISIONS
+    for key, allowed in (("where", WHERE), ("worker_precision", WORKER_PRECISIONS)):
+        if key in (section or {}) and section[key] not in allowed:
+            raise ConfigError(f"config key 'augment.{key}': expected {' | '.join(allowed)}, got {section[key]!r}")
 
 
 def validate_eval(ev: EvalConfig) -> None:

@@ -1,8 +1,10 @@
 """The training loop: steps, recipe hooks, logging and checkpoints -- nothing else.
 
-:class:`Loop` runs optimizer steps ``start .. total - 1`` over batches that are already on the
-device and augmented (the recipes' ``strength`` hook is applied by the augmentation; see
-:func:`device_batches`). Per micro-step: recipes rewrite the views, :class:`~fastssl.step.
+:class:`Loop` runs optimizer steps ``start .. total - 1`` over batches of the run's data stream
+(:class:`loaders.stream.Stream`): already on the device and augmented (the recipes' ``strength``
+hook is applied by the augmentation; see :func:`device_batches`). The stream holds the loader
+cursor; checkpoints read it there (``stream.state_dict()``: the sample after the last batch
+trained on). Per micro-step: recipes rewrite the views, :class:`~fastssl.step.
 TrainStep` runs forward/backward/update, the device meters accumulate, recipes that need them
 get the per-sample losses gathered over ranks. Per optimizer step: the lr schedule, the plan's
 epoch boundaries (``end_epoch`` hooks), the log (only there are values read on the host) and
@@ -23,7 +25,7 @@ from .checkpoint import save_checkpoint
 from .optim import warmup_cosine
 from .state import collect_state
 
-__all__ = ["Loop", "NonFiniteLoss", "device_batches", "with_state"]
+__all__ = ["Loop", "NonFiniteLoss", "device_batches"]
 
 
 class _PlanEnded(Exception):
@@ -34,44 +36,13 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
-def with_state(loader):
-    """Yield the loader's batches, each carrying the loader's state *after* it in
-    ``batch.meta["loader_state"]`` (prefetching runs ahead of training: the checkpoint stores
-    the cursor of the last batch trained on) and its host-side ids in ``meta["host_index"]``."""
-    for batch in loader:
-        batch.meta["loader_state"] = loader.state_dict()
-        batch.meta["host_index"] = batch.index
-        yield batch
-
-
-class _AugCall:
-    """The augment with ``crop`` fixed (crop-in-decode loaders hand over cropped views) and
-    per-rank random streams: Augment seeds from (seed, step, view), so rank r of W augments
-    micro-step s as step ``s * W + r``."""
-
-    def __init__(self, aug, crop: bool, rank: int = 0, world: int = 1):
-        self.aug, self.crop, self.rank, self.world = aug, crop, rank, world
-
-    def __call__(self, batch, *, step, strength=None, **kw):
-        return self.aug(batch, step=step * self.world + self.rank, strength=strength, crop=self.crop)
-
-
-def device_batches(loader, device, aug, *, crop: bool, rank: int, world: int, recipes, start_step: int):
-    """Endless-until-exhausted ``(views, batch)`` on ``device``: the next uint8 batch is copied
-    while the model works (``loaders.prefetch.DevicePrefetcher``), then augmented there with the
-    first per-sample strength a recipe gives."""
-    from loaders.prefetch import DevicePrefetcher
-
-    def strength(batch):
-        for r in recipes:
-            s = r.strength(batch.index)
-            if s is not None:
-                return s
-        return None
-
-    pf = DevicePrefetcher(with_state(loader), device, augment=_AugCall(aug, crop, rank, world),
-                          strength_fn=strength if recipes else None, start_step=start_step)
-    for batch in pf:
+def device_batches(stream, *, start_step: int = 0):
+    """``(views, batch)`` of a :class:`loaders.stream.Stream` until it is exhausted: final views on
+    the stream's device (augmented where ``augment.where`` put it; the recipes' ``strength`` hook
+    is the stream's ``strength_fn``). ``start_step``: the micro-step of the first batch (the seed
+    counter of batches that carry no key; see the stream)."""
+    stream.step = start_step
+    for batch in stream:
         yield batch.views, batch
 
 
@@ -89,7 +60,8 @@ class Loop:
     run_dir: Path
     source_names: List[str]
     start: int
-    loader_state: Dict[str, Any]
+    #: the data stream: its state_dict() is the loader cursor a checkpoint stores
+    stream: Any
     last_ckpt: Optional[Path] = None
     idx_log: Any = None
     bar: Any = None
@@ -159,7 +131,6 @@ class Loop:
         n = len(batch) * self.accelerator.num_processes
         self.images_total += n
         self._window_images += n
-        self.loader_state = batch.meta.get("loader_state", self.loader_state)
         if self.idx_log is not None:  # a debugging record: reads the loss on the host
             self.idx_log.write(json.dumps({"step": step + 1, "micro": micro,
                                            "index": batch.meta.get("host_index", batch.index).tolist(),
@@ -247,10 +218,11 @@ class Loop:
 
     def _all_loader_states(self) -> List[Dict[str, Any]]:
         """The loader state of every rank, in rank order (one collective at checkpoint steps)."""
+        state = self.stream.state_dict()
         if self.accelerator.num_processes == 1:
-            return [self.loader_state]
+            return [state]
         from accelerate.utils import gather_object
-        return list(gather_object([self.loader_state]))
+        return list(gather_object([state]))
 
     def _checkpoint(self, done: int) -> None:
         """Every rank joins (so that no rank races ahead); rank 0 writes. A run whose loss went

@@ -56,7 +56,9 @@ def loader_state_for(ckpt: Mapping[str, Any], rank: int, world: int) -> Dict[str
 def restore_state(ckpt: Mapping[str, Any], *, module, optimizer, probe_opt, loader, recipes, meters,
                   rank: int = 0, world: int = 1) -> None:
     """Load a checkpoint into freshly built parts (before ``accelerator.prepare``); the scaler
-    and RNG states are applied by the caller after ``prepare``."""
+    and RNG states are applied by the caller after ``prepare``. ``loader``: the run's data stream
+    (:class:`loaders.stream.Stream`, which holds the one loader cursor) or any object with
+    ``load_state_dict``."""
     module.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if probe_opt is not None and ckpt.get("probe_optimizer") is not None:

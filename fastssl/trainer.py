@@ -8,6 +8,10 @@ and only then is the run directory written. The loop (:mod:`fastssl.loop`) runs 
 * lr = base per 256 x (batch x world x accumulation) / 256, warmup-cosine, set every step;
 * EMA methods get ``method.update_momentum(step / total)`` after every update;
 * an online linear probe (``fastssl.probe``) learns on detached features, ignoring label -1;
+* the data come from one stream (:class:`loaders.stream.Stream`, built by
+  :func:`fastssl.build.build_stream`): the backend, augmentation where ``augment.where`` says
+  (loader workers on a CPU-only machine, the device with a GPU), the copy to the device and the
+  loader cursor the checkpoints store;
 * recipes (``recipes:`` in the config, :mod:`fastssl.recipes`) hook into set-up, augmentation
   strength, the views, every step, every epoch, the checkpoint and the log;
 * nothing is read on the host outside log steps; a non-finite loss never reaches the weights
@@ -40,7 +44,7 @@ from .meters import Meters
 from .metrics_log import MetricsLogger
 from .recipes import SetupContext
 from .rundir import check_fresh, clear_run, load_resume, open_indices_log, run_is_complete
-from .state import check_resume, loader_state_for, restore_state, world_change_note
+from .state import check_resume, restore_state, world_change_note
 from .step import TrainModule, TrainStep
 
 __all__ = ["train", "TrainResult", "NonFiniteLoss", "make_accelerator", "setup_recipes"]
@@ -143,7 +147,7 @@ def _resume(cfg, run_dir: Path, parts, module, meters, rank: int, world: int, fo
     ckpt["_path"] = path
     try:  # recipes load their state in _setup_recipes, after set-up sized their tables
         restore_state(ckpt, module=module, optimizer=parts.optimizer, probe_opt=parts.probe_opt,
-                      loader=parts.loader, recipes=[], meters=meters, rank=rank, world=world)
+                      loader=parts.stream, recipes=[], meters=meters, rank=rank, world=world)
     except ValueError as e:  # the plan refuses another mixture
         raise ConfigError(f"cannot resume from {path}: {e}") from e
     return ckpt, start
@@ -189,6 +193,22 @@ def _write_run_dir(cfg, run_dir: Path, accelerator, *, fresh: bool) -> None:
                       file=sys.stderr)
         (run_dir / "config.yaml").write_text(dump(cfg))
     accelerator.wait_for_everyone()
+    check_shared_run_dir(run_dir, accelerator)
+
+
+def check_shared_run_dir(run_dir: Path, accelerator) -> None:
+    """Every rank must see rank 0's run directory (multi-node: a filesystem all nodes share), as
+    checkpoints written by rank 0 are read by every rank on resume and each rank writes its own
+    indices log there. Every rank raises the same ConfigError (no rank is left waiting in a
+    collective) when some rank does not see rank 0's ``config.yaml``."""
+    if accelerator.num_processes == 1:
+        return
+    seen = torch.tensor([float((run_dir / "config.yaml").is_file())], device=accelerator.device)
+    missing = [r for r, s in enumerate(accelerator.gather(seen).tolist()) if not s]
+    if missing:
+        from loaders.errors import ConfigError
+        raise ConfigError(f"run directory '{run_dir}' is not visible to rank(s) {missing}: a multi-node run needs "
+                          "log.out / --out on a filesystem shared by every node")
 
 
 def _run(cfg, run_dir, parts, module, meters, accelerator, ckpt, start, eval_sources) -> TrainResult:
@@ -213,15 +233,14 @@ def _run(cfg, run_dir, parts, module, meters, accelerator, ckpt, start, eval_sou
         print(f"fastssl: {parts.method.name} on {world} process(es) ({accelerator.device}), {parts.total} steps x "
               f"{parts.images_per_step} images, lr {parts.lr:.4g} ({parts.recipe['optimizer']}), run dir {run_dir}"
               + (f", resumed at step {start}" if start else ""), file=sys.stderr)
-    batches = device_batches(parts.loader, accelerator.device, parts.aug, crop=not parts.crop_in_decode,
-                             rank=rank, world=world, recipes=parts.recipes, start_step=start * cfg.train.grad_accum)
+    batches = device_batches(parts.stream, start_step=start * cfg.train.grad_accum)
     bar = None
     if main and cfg.log.progress:
         from tqdm import tqdm
         bar = tqdm(total=parts.total, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stderr)
     loop = Loop(cfg=cfg, parts=parts, accelerator=accelerator, step_fn=step_fn, meters=meters, logger=logger,
                 batches=batches, run_dir=run_dir, source_names=list(parts.loader.mixture.names), start=start,
-                loader_state=loader_state_for(ckpt, rank, world) if ckpt is not None else parts.loader.state_dict(),
+                stream=parts.stream,
                 last_ckpt=ckpt["_path"] if ckpt is not None else None, idx_log=idx_log, bar=bar)
     t0 = time.perf_counter()
     try:

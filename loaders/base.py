@@ -22,7 +22,7 @@ from .errors import ConfigError, DataError, SampleError, check_keys
 
 __all__ = [
     "Source", "InMemorySource", "ArraySource", "Sample", "register_source", "build_source", "SOURCES",
-    "SOURCE_MODULES", "source_types", "decode_image",
+    "SOURCE_MODULES", "source_types", "decode_image", "prefetch_calls",
 ]
 
 #: encoded image bytes, or a decoded uint8 [H, W, 3] RGB array
@@ -44,7 +44,7 @@ def register_source(name: str):
 #: built-in source type -> the module that registers it (imported by :func:`build_source` on first
 #: use: those modules import this one, so they cannot be imported here at module level)
 SOURCE_MODULES: Dict[str, str] = {
-    "folder": "loaders.sources", "csv": "loaders.sources", "npz": "loaders.sources",
+    "folder": "loaders.sources", "csv": "loaders.sources", "parquet": "loaders.sources", "npz": "loaders.sources",
     "cifar": "loaders.sources", "synthetic": "loaders.synthetic", "shards": "loaders.shards",
     "beton": "loaders.beton",
 }
@@ -145,6 +145,9 @@ class Source:
         data, label = self.read(i)
         return decode_image(data, path=self.describe(i), index=i), label
 
+    def prefetch(self, indices) -> None:
+        """A hint: these samples are read next, by this thread (remote shards fetch them batched)."""
+
     def describe(self, i: int) -> str:
         """Where sample ``i`` lives (a file path, ``shard.tar:key``...), for error messages."""
         return f"{self.type_name}:{self.name}[{i}]"
@@ -154,6 +157,21 @@ class Source:
         if not 0 <= i < n:
             raise IndexError(f"{self.type_name} source '{self.name}' has {n} samples; index {i} is out of range")
         return int(i)
+
+
+def prefetch_calls(calls) -> None:
+    """Call ``source.prefetch`` once per source for the ``(source, index)`` pairs about to be read
+    in this thread (loaders call it before reading a chunk); a failing hint is ignored (the reads
+    report their own errors)."""
+    by: Dict[int, Tuple["Source", list]] = {}
+    for src, i in calls:
+        if type(src).prefetch is not Source.prefetch:
+            by.setdefault(id(src), (src, []))[1].append(int(i))
+    for src, idx in by.values():
+        try:
+            src.prefetch(idx)
+        except Exception:  # noqa: BLE001  (only a hint)
+            pass
 
 
 class InMemorySource(Source):

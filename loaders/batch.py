@@ -5,15 +5,32 @@
 device. ``index`` is the sample's global id in the mixture (``Mixture.offsets[source] +
 sample index within its source``), ``source`` says which source it came from and ``label``
 is its class (``-1`` when unknown, e.g. generated images). All three are ``int64 [B]``.
+
+``stage`` says what was already done to the views, so nothing is done twice:
+
+- ``"raw"``: whole decoded images, uint8 (each view may be the same image).
+- ``"cropped"``: uint8, one crop per output view at that view's size.
+- ``"augmented-uint8"``: the recipe applied and rounded to uint8, not normalised
+  (``loaders.cpu_augment.WorkerAugment.finish`` normalises it).
+- ``"augmented"``: float32, augmented and normalised: final. The device engine refuses it.
+
+``key`` is the batch's seed key (``loaders.augment.sampler.batch_key(seed, rank, first_item)``,
+``first_item`` = position of the batch's first sample in this rank's stream) or None when the
+backend did not set one; every place that augments draws its parameters from it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import List
+from typing import List, Optional
 
 import torch
 
-__all__ = ["Batch"]
+__all__ = ["Batch", "STAGES", "AUGMENTED_STAGES"]
+
+#: every value of ``Batch.stage``, in the order a batch goes through them
+STAGES = ("raw", "cropped", "augmented-uint8", "augmented")
+#: stages the device augmentation must not see again
+AUGMENTED_STAGES = ("augmented-uint8", "augmented")
 
 
 @dataclass
@@ -26,8 +43,14 @@ class Batch:
     #: batch was filled (counted in the loader's ``skipped``; never returned)
     skipped: int = 0
     meta: dict = field(default_factory=dict)
+    #: what was already done to the views (one of ``STAGES``)
+    stage: str = "raw"
+    #: the batch's seed key (see the module docstring); None when the backend set none
+    key: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"Batch.stage {self.stage!r}; expected one of {', '.join(STAGES)}")
         if not isinstance(self.views, (list, tuple)) or not self.views:
             raise ValueError("Batch.views must be a non-empty list of [B,3,H,W] tensors")
         self.views = list(self.views)
@@ -65,5 +88,11 @@ class Batch:
             label=self.label.pin_memory(),
         )
 
-    def with_views(self, views: List[torch.Tensor]) -> "Batch":
-        return replace(self, views=list(views))
+    def with_views(self, views: List[torch.Tensor], stage: Optional[str] = None) -> "Batch":
+        """The same batch with new views (and, when given, the stage those views are at)."""
+        return replace(self, views=list(views), stage=self.stage if stage is None else stage)
+
+    @property
+    def augmented(self) -> bool:
+        """True when the recipe was already applied (uint8 or final float views)."""
+        return self.stage in AUGMENTED_STAGES

@@ -29,7 +29,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .base import Source, register_source
-from .errors import ConfigError, DataError, SampleError
+from .errors import ConfigError, DataError, SampleError, check_on_error
 
 __all__ = ["to_beton", "BetonFile", "BetonSource", "require_ffcv", "add_beton_command", "run_beton"]
 
@@ -115,8 +115,7 @@ def to_beton(source: Source, path: Union[str, os.PathLike], *, fmt: str = "jpg",
 
     if fmt not in ("jpg", "raw"):
         raise ConfigError(f"to_beton: fmt must be 'jpg' or 'raw', got {fmt!r}")
-    if on_error not in ("raise", "skip"):
-        raise ConfigError(f"to_beton: on_error must be 'raise' or 'skip', got {on_error!r}")
+    check_on_error(on_error, "to_beton")
     if not 1 <= int(quality) <= 100:
         raise ConfigError(f"to_beton: quality must be in 1..100, got {quality}")
     if len(source) == 0:

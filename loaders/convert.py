@@ -38,7 +38,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from .base import Source, decode_image
-from .errors import DataError, SampleError
+from .errors import DataError, SampleError, check_on_error
 from .shards import MANIFEST_FORMAT, MANIFEST_NAME, ShardWriter, atomic_write, read_manifest, write_manifest
 
 __all__ = ["FORMATS", "EXISTING", "sniff_format", "encode_image", "resize_image", "to_shards", "source_to_npz",
@@ -111,8 +111,7 @@ def _ordered_map(fn: Callable[[int], object], indices: range, workers: int) -> I
 
 
 def _check_on_error(on_error: str) -> None:
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got '{on_error}'")
+    check_on_error(on_error, "convert")
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
@@ -298,7 +297,13 @@ def to_shards(source: Source, out_dir, *, samples_per_shard: int = 10000, fmt: s
     Labels are the source's. ``on_error="skip"`` leaves out samples that cannot be read or
     decoded (counted on stderr). ``existing``: ``refuse``, ``overwrite`` or ``resume`` a
     non-empty ``out_dir`` (see the module docstring). Returns all the conversion's shard paths.
+    An ``out_dir`` URL (``s3://...``): converted locally, then uploaded (:func:`loaders.remote.to_remote_shards`).
     """
+    if isinstance(out_dir, str) and "://" in out_dir:
+        from .remote import to_remote_shards
+        return to_remote_shards(to_shards, source, out_dir, existing=existing, samples_per_shard=samples_per_shard,
+                                fmt=fmt, quality=quality, resize=resize, prefix=prefix, progress=progress,
+                                on_error=on_error, workers=workers)
     if fmt == "jpeg":
         fmt = "jpg"
     if fmt not in FORMATS:

@@ -6,12 +6,17 @@ main process on the cores the workers leave, and becomes the bottleneck of the f
 ``f(views, seed_key) -> views`` that each DataLoader worker runs on its own uint8 crops, so
 every core decodes *and* augments and the main process only receives finished views.
 
-Parameters are the engine's, exactly: view ``v`` of the batch with key ``seed_key`` (the
-backend's ``(seed, rank, first_item)``) draws from
-``make_generator("cpu", augment.seed, step_for(seed_key), v)`` in the engine's order, so
-``WorkerAugment(aug)(views, key)`` equals ``aug(batch, step=step_for(key), crop=False)`` up to
-float32 rounding (tests/test_cpu_augment.py), is deterministic from the key, and does not
-depend on the number of workers.
+Parameters are the engine's by construction: the hook draws nothing itself. For the batch with
+key ``seed_key`` (:func:`loaders.augment.sampler.batch_key`, or the ``(seed, rank, first_item)``
+tuple it hashes) it takes :func:`loaders.augment.sampler.draw`'s :class:`ViewParams`, the same
+draw the device engine and the DALI graph consume, so ``WorkerAugment(aug)(views, key)`` equals
+``aug(batch, key=key, crop=False)`` up to float32 rounding (tests/test_cpu_augment.py), is
+deterministic from the key, and does not depend on the number of workers.
+
+The OpenCV executor declares the ops it implements (:data:`CV2_OPS`: flip, jitter, grayscale,
+blur, normalize; the crop is the decoder's). A view that needs another op (solarize,
+RandAugment) runs the torch executors (the engine's ``Augment.view``) in the worker instead,
+with the same parameters, and the hook says so once per process (a warning naming the ops).
 
 Two implementations of the same ops (``impl``):
 
@@ -30,12 +35,16 @@ installed, torch otherwise; views with ops the cv2 path does not implement (sola
 RandAugment, a resize) always use the engine.
 
 ``precision`` of the cv2 path: ``"float"`` (default; the engine's result up to float32 rounding)
-or ``"uint8"``: the image stays uint8 between ops, rounded where an op is applied, as
-torchvision's PIL pipeline (solo-learn's CPU path) rounds after every op; affine colour ops are
-fused into one saturating ``cv2.transform`` per run, hue uses OpenCV's 8-bit HSV (H in 1/256
-turn, like PIL's). Same parameters; against the engine the views differ by 0.4-0.5 levels of 255
-on average (p99 ~3.5, worst pixels ~10 where a hue shift meets a saturated colour), and the
-rate per view is ~1.4x the float path's at 224 px (~1.6x at 32 px) on the 2-core machine.
+or ``"uint8"``: the image stays uint8 between the executor's steps. With numba installed the
+flip and the colour chain are one fused float32 pass rounded once
+(:func:`loaders.augment.fused_colour.colour_view_u8`: exact hue; the flip is folded into the
+pass's load, and a view that is not blurred is stored straight into its ``[3, S, S]`` output
+planes, uint8 or normalised float32, with no flip/split passes); a blurred view goes through
+OpenCV's uint8 ``sepFilter2D`` (taps cut at 3 sigma and renormalised; skipped where sigma is so
+small that the rounded blur is the identity). Views are within ~0.23 levels of 255 of the
+engine on average, < 1 level at worst, blur's own rounding included. Without numba the OpenCV
+chain runs (affine runs fused into one saturating ``cv2.transform``, hue in OpenCV's 8-bit HSV:
+~0.5 levels on average, worst ~10-20 where a hue shift meets a saturated colour).
 
 With the torch backend's shared-memory slab ring (:mod:`loaders.shm`) the hook writes its
 output straight into a reused shared slot (``alloc``), and :meth:`WorkerAugment.finish`
@@ -51,20 +60,46 @@ Use::
 """
 from __future__ import annotations
 
-import functools
-import math
 import os
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .augment import Augment, ViewSpec
-from .augment import functional as AF
-from .augment import params as P
+from .augment import ops as O
+from .augment import sampler as S
+from .augment.cv2_ops import (  # noqa: F401  (the kernels, re-exported under their old names)
+    _GRAY_M,
+    _JITTER_OPS,
+    _LUMA,
+    TAIL_SIGMAS,
+    TAIL_SIGMAS_U8,
+    _affine_chain_u8,
+    _blur,
+    _blur_is_identity,
+    _blur_taps,
+    _brightness,
+    _clamp,
+    _colour_view_u8,
+    _contrast,
+    _grayscale,
+    _hue,
+    _hue_pattern,
+    _hue_u8,
+    _saturation,
+    _transform_u8,
+    normalize_uint8,
+)
+from .augment.sampler import ViewParams
+from .cv2_fork import set_cv2_threads
 from .errors import ConfigError
 
-__all__ = ["WorkerAugment", "CV2_MIN_SIZE", "step_for", "cv2_view", "normalize_uint8"]
+__all__ = ["WorkerAugment", "CV2_MIN_SIZE", "CV2_OPS", "missing_ops", "step_for", "cv2_view", "normalize_uint8"]
+
+#: ops the OpenCV executor implements (crop-in-decode does the crop before it)
+CV2_OPS = ("flip", "jitter", "grayscale", "blur", "normalize")
 
 #: smallest view side (px) for which ``impl="auto"`` uses OpenCV per image. Measured in the torch
 #: loader's workers (2-core CPU machine, 2 workers, full SimCLR recipe): OpenCV 8.8k vs engine
@@ -73,16 +108,14 @@ CV2_MIN_SIZE = 1
 _IMPLS = ("auto", "cv2", "torch")
 _OUTPUTS = ("float", "uint8")
 _PRECISIONS = ("float", "uint8")
-#: blur taps beyond ceil(TAIL_SIGMAS * sigma) are dropped (their weight sums to < 1e-4)
-TAIL_SIGMAS = 4.0
-#: precision="uint8" cuts at 3 sigma and renormalises (the tail weighs 0.27%: under half a level
-#: of 255 on the sharpest edge, below the op's own rounding; ~20% less blur time at 224 px)
-TAIL_SIGMAS_U8 = 3.0
 
 
-def step_for(seed_key: Sequence[int]) -> int:
-    """The engine step a worker batch with ``seed_key`` (``(seed, rank, first_item)``) uses."""
-    return P.mix_seed(*[int(k) for k in seed_key])
+def step_for(seed_key) -> int:
+    """The batch key of ``seed_key``: an int key as is, a ``(seed, rank, first_item)`` tuple hashed
+    by :func:`loaders.augment.sampler.batch_key`."""
+    if isinstance(seed_key, (int, np.integer)):
+        return int(seed_key)
+    return S.batch_key(*[int(k) for k in seed_key])
 
 
 def _cv2():
@@ -95,170 +128,30 @@ def _cv2_available() -> bool:
     return importlib.util.find_spec("cv2") is not None
 
 
+def missing_ops(spec: ViewSpec) -> List[str]:
+    """Names of the ops view ``spec`` uses that the OpenCV executor lacks (empty: it runs them all)."""
+    return [op.NAME for op in O.ORDER[1:] if op.active(spec) and op.NAME not in CV2_OPS]
+
+
 def _supported_by_cv2(spec: ViewSpec) -> bool:
-    return spec.solarize == 0 and spec.randaugment is None
+    return not missing_ops(spec)
 
 
-# ------------------------------------------------------------------------ OpenCV ops (one image)
-# Every op takes and returns a float32 HWC RGB image with values in [0, 255] (the engine's [0, 1]
-# scaled by 255: no 1/255 pass; the scale is folded into the final normalisation).
-
-def _clamp(cv2, x: np.ndarray) -> np.ndarray:
-    # two threshold passes (~15 us each at 224 px) beat np.clip and cv2.min/max
-    cv2.threshold(x, 255.0, 0.0, cv2.THRESH_TRUNC, dst=x)
-    cv2.threshold(x, 0.0, 0.0, cv2.THRESH_TOZERO, dst=x)
-    return x
-
-
-_LUMA = np.asarray(AF._LUMA, dtype=np.float32)
-_GRAY_M = np.tile(_LUMA, (3, 1))                       # 3x3: every output channel = luma
-
-
-def _brightness(cv2, x, f: float):
-    # f >= 0: only the upper clamp can bind
-    return cv2.threshold(cv2.addWeighted(x, f, x, 0.0, 0.0), 255.0, 0.0, cv2.THRESH_TRUNC)[1]
-
-
-def _contrast(cv2, x, f: float):
-    m = cv2.mean(x)                                     # per-channel means (float64)
-    mean = float(_LUMA[0] * m[0] + _LUMA[1] * m[1] + _LUMA[2] * m[2])  # mean luma (linear)
-    return _clamp(cv2, cv2.addWeighted(x, f, x, 0.0, (1.0 - f) * mean))
-
-
-def _saturation(cv2, x, f: float):
-    # f * x + (1 - f) * gray(x) is one colour matrix: f * I + (1 - f) * luma rows
-    m = (np.eye(3, dtype=np.float32) * f + _GRAY_M * (1.0 - f)).astype(np.float32)
-    return _clamp(cv2, cv2.transform(x, m))
-
-
-def _hue(cv2, x, shift: float):
-    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)            # H in degrees [0, 360), S in [0, 1], V as x
-    # OpenCV's float HSV2RGB wraps hues >= 360 (not negative ones): shift by (shift mod 1) turns
-    hsv = cv2.add(hsv, ((shift % 1.0) * 360.0, 0.0, 0.0, 0.0))
-    # no clamp: HSV2RGB of S in [0, 1] gives values in [0, V] (the engine's clamp is a no-op here)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-
-
-def _grayscale(cv2, x):
-    return cv2.transform(x, _GRAY_M)
-
-
-def _blur(cv2, x, taps: np.ndarray):
-    return cv2.sepFilter2D(x, -1, taps, taps, borderType=cv2.BORDER_REFLECT_101)
-
-
-_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
-
-
-# ------------------------------------------------------------------------ OpenCV ops on uint8
-# precision="uint8": the image stays uint8 HWC RGB between ops, rounded and saturated where an
-# op is applied (as torchvision's PIL path rounds after every PIL op): brightness, contrast,
-# saturation and grayscale compose into one saturating 3x4 cv2.transform per run
-# (_affine_chain_u8), hue is OpenCV's uint8 HSV_FULL round trip, blur a uint8 sepFilter2D.
-# A quarter of the float path's memory traffic and no conversion pass: ~1.7x its rate per view.
-
-def _hue_u8(cv2, x, shift: float):
-    # OpenCV's uint8 HSV_FULL: H in 1/256 turns, so the shift is rounded to 1/256 turn (1.4 deg)
-    k = int(round((shift % 1.0) * 256.0)) % 256
-    if k == 0:
-        return x          # a zero shift (after rounding) is the identity, as in the engine
-    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
-    # (h + k) mod 256 on the H bytes: one contiguous uint8 add (numpy wraps) of the row pattern
-    # (k, 0, 0, k, 0, 0, ...): ~2x faster than a strided add on hsv[..., 0]
-    rows = hsv.reshape(hsv.shape[0], -1)
-    np.add(rows, _hue_pattern(hsv.shape[1], k), out=rows)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
-
-
-@functools.lru_cache(maxsize=64)
-def _hue_pattern(width: int, k: int) -> np.ndarray:
-    p = np.zeros((width, 3), np.uint8)
-    p[:, 0] = k
-    p.flags.writeable = False
-    return p.reshape(-1)
-
-
-_I3 = np.eye(3)
-_GRAY_M64 = _GRAY_M.astype(np.float64)
-_LUMA64 = _LUMA.astype(np.float64)
-
-
-def _transform_u8(cv2, x, A: np.ndarray, c: np.ndarray):
-    """``A x + c`` per pixel (3x3 ``A``, 3-vector ``c``), rounded and saturated to uint8."""
-    return cv2.transform(x, np.hstack([A, c[:, None]]).astype(np.float32))
-
-
-def _affine_chain_u8(cv2, x, ops):
-    """Brightness, contrast, saturation, hue and grayscale in the given order on uint8 ``x``;
-    ``ops``: ``(k, f)`` pairs with ``k`` 0..3 the jitter op (factor ``f``) or 4 for grayscale.
-
-    Brightness, contrast, saturation and grayscale are affine colour maps ``x -> A x + b``:
-    consecutive ones compose into one 3x4 matrix and run as one saturating ``cv2.transform``. A
-    pending map is applied (rounded, saturated) before hue, and right after any op with a factor
-    > 1 (the only ones whose clamp to [0, 255] can bind: with f <= 1 each map is a convex
-    combination of in-range values), so the clamps fall exactly where the engine's do. Contrast
-    needs the mean luma of the current image: that of the last applied image pushed through the
-    pending map (exact while no clamp intervened). Fewer roundings than one transform per op.
-    """
-    A, c = None, None                 # pending map (float64 3x3, 3), None = identity
-    mean = None                       # per-channel mean of the last applied x (lazily)
-    for k, f in ops:
-        if k == 3:
-            if A is not None:
-                x, A, c, mean = _transform_u8(cv2, x, A, c), None, None, None
-            x2 = _hue_u8(cv2, x, f)
-            if x2 is not x:
-                x, mean = x2, None
-            continue
-        if k == 0:
-            Ak, ck = f * _I3, np.zeros(3)
-        elif k == 1:
-            if mean is None:
-                mean = np.asarray(cv2.mean(x)[:3], np.float64)
-            cur = mean if A is None else A @ mean + c
-            Ak, ck = f * _I3, np.full(3, (1.0 - f) * float(_LUMA64 @ cur))
-        elif k == 2:
-            Ak, ck = f * _I3 + (1.0 - f) * _GRAY_M64, np.zeros(3)
-        else:
-            Ak, ck = _GRAY_M64, np.zeros(3)
-        A, c = (Ak, ck) if A is None else (Ak @ A, Ak @ c + ck)
-        if k != 4 and f > 1.0:        # the clamp may bind: apply now (transform saturates)
-            x, A, c, mean = _transform_u8(cv2, x, A, c), None, None, None
-    return x if A is None else _transform_u8(cv2, x, A, c)
-
-
-def _blur_taps(sigma: torch.Tensor, kernel_size: int, tail: float = TAIL_SIGMAS,
-               renormalize: bool = False) -> List[np.ndarray]:
-    """The engine's normalised Gaussian taps (``gaussian_kernel1d``) per sample, cut to the
-    central ``2 * min(half, ceil(tail * sigma)) + 1`` (speed: ~2.5x fewer taps on average for a
-    23-tap kernel; at the default 4 sigma the dropped taps weigh < 1e-4 of the sum), rescaled to
-    sum to 1 with ``renormalize``."""
-    k = AF.gaussian_kernel1d(sigma, kernel_size).numpy()
-    half = kernel_size // 2
-    out = []
-    for row, s in zip(k, sigma.tolist()):
-        r = min(half, int(math.ceil(tail * s)))
-        t = row[half - r:half + r + 1].astype(np.float64)
-        out.append(np.ascontiguousarray(t / t.sum() if renormalize else t, dtype=np.float32))
-    return out
-
-
-def cv2_view(img: torch.Tensor, spec: ViewSpec, *, g: torch.Generator, mean: Sequence[float],
+def cv2_view(img: torch.Tensor, spec: ViewSpec, params: ViewParams, *, mean: Sequence[float],
              std: Sequence[float], out: Optional[torch.Tensor] = None, normalize: bool = True,
              precision: str = "float") -> torch.Tensor:
-    """One view of the recipe with OpenCV, per image: ``img`` ``uint8 [B,3,S,S]`` (already
-    cropped to ``spec.size``) -> ``float32 [B,3,S,S]`` normalised (written into ``out`` if
-    given). Parameters are drawn from ``g`` exactly as :meth:`Augment.view` (``crop=False``)
-    draws them, so with ``precision="float"`` the result equals the engine's up to float32
-    rounding.
+    """The OpenCV executor of one view, per image: ``img`` ``uint8 [B,3,S,S]`` (already cropped to
+    ``spec.size``) -> ``float32 [B,3,S,S]`` normalised (written into ``out`` if given), applying
+    the drawn ``params`` (:class:`~loaders.augment.sampler.ViewParams`), so with
+    ``precision="float"`` the result equals the engine's on the same params up to float32 rounding.
 
     ``normalize=False``: the augmented image rounded once to ``uint8 [B,3,S,S]`` instead
     (0..255, not normalised; :func:`normalize_uint8` finishes it).
 
-    ``precision="uint8"``: every op works on uint8 and rounds once (as torchvision's PIL ops
-    do), hue shifts are rounded to 1/256 turn; the same parameters, ~1.7x faster per view. The
-    difference from the engine is a few levels of 255 where ops chain (tests bound its mean and
-    tail).
+    ``precision="uint8"``: the image stays uint8 between steps (module docstring: with numba the
+    flip and colour chain are one pass rounded once, stored straight into ``out``'s planes when
+    no blur follows); the same parameters, ~2x faster per view than ``"float"``. The difference
+    from the engine is < 1 level of 255 with numba, a few levels (hue) without (tests bound both).
     """
     cv2 = _cv2()
     if precision not in _PRECISIONS:
@@ -267,92 +160,102 @@ def cv2_view(img: torch.Tensor, spec: ViewSpec, *, g: torch.Generator, mean: Seq
     B, C, H, W = img.shape
     if C != 3 or H != spec.size or W != spec.size:
         raise ValueError(f"cv2_view needs uint8 [B,3,{spec.size},{spec.size}] crops, got {tuple(img.shape)}")
-    if not _supported_by_cv2(spec):
-        raise ValueError("cv2_view does not implement solarize or RandAugment; use the engine (impl='torch')")
-    # the engine's draws, in the engine's order (Augment.view, crop=False)
-    flip = P.bernoulli(B, spec.flip, g).tolist()
-    jit = P.sample_jitter(B, brightness=spec.brightness, contrast=spec.contrast, saturation=spec.saturation,
-                          hue=spec.hue, p=spec.jitter_p, g=g)
-    gray = P.bernoulli(B, spec.grayscale, g).tolist()
-    blur = P.bernoulli(B, spec.blur_p, g).tolist()
-    sigma = P.uniform(B, spec.blur_sigma[0], spec.blur_sigma[1], g)
-    P.bernoulli(B, spec.solarize, g)                    # drawn by the engine too (keeps the stream aligned)
-    strengths = (spec.brightness, spec.contrast, spec.saturation, spec.hue)
-    apply, order, factors = jit.apply.tolist(), jit.order.tolist(), jit.factors.tolist()
+    if missing_ops(spec):
+        raise ValueError(f"cv2_view does not implement {', '.join(missing_ops(spec))}; use the engine (impl='torch')")
+    if params.flip is None or params.flip.shape[0] != B:
+        raise ValueError(f"cv2_view needs ViewParams drawn for {B} samples")
     taps = None
-    if spec.blur_p > 0 and any(blur):
-        taps = (_blur_taps(sigma, spec.kernel_size, TAIL_SIGMAS_U8, renormalize=True) if u8
-                else _blur_taps(sigma, spec.kernel_size))
-    # normalisation (x / 255 - mean) / std as one 3x4 affine colour matrix (one pass), then a
-    # split straight into the output planes: ~1.5x faster than split + one addWeighted per plane
-    norm = np.zeros((3, 4), np.float32)
-    for c in range(3):
-        norm[c, c] = 1.0 / (255.0 * std[c])
-        norm[c, 3] = -mean[c] / std[c]
+    if spec.blur_p > 0 and params.blur.any():
+        # taps of the blurred samples only (per-sample Python: ~half the cost of all of them)
+        k, on = spec.kernel_size, params.blur.nonzero().flatten().tolist()
+        taps = [None] * B
+        for i, t in zip(on, O.blur.taps(params.sigma[params.blur], k, TAIL_SIGMAS_U8, renormalize=True) if u8
+                        else O.blur.taps(params.sigma[params.blur], k, TAIL_SIGMAS)):
+            taps[i] = t
+    # normalisation (x / 255 - mean) / std: scale and offset per channel
+    scale = [1.0 / (255.0 * s) for s in std]
+    offset = [-m / s for m, s in zip(mean, std)]
     if out is None:
         out = torch.empty(B, 3, H, W, dtype=torch.float32 if normalize else torch.uint8)
     dst = out.numpy()
     hwc = img.permute(0, 2, 3, 1)
     # channels-last input (the torch backend's decoder="cv2" views) is read in place; planar
     # input is merged per image (cv2.merge: ~50x faster than numpy's strided transpose copy)
-    src = hwc.numpy() if hwc.is_contiguous() else img.contiguous().numpy()
     planar = not hwc.is_contiguous()
+    src = img.contiguous().numpy() if planar else hwc.numpy()
+    run = _image_u8 if u8 else _image_float
+    job = _Job(spec, params, taps, scale + offset, normalize)
     for i in range(B):
         x = cv2.merge([src[i, 0], src[i, 1], src[i, 2]]) if planar else src[i]
-        if not u8:
-            x = x.astype(np.float32)
-        if spec.flip > 0 and flip[i]:
-            x = cv2.flip(x, 1)
-        if u8:
-            ops = [(k, factors[i][k]) for k in order[i] if strengths[k] != 0] if spec.jitter_p > 0 and apply[i] else []
-            if spec.grayscale > 0 and gray[i]:
-                ops.append((4, 1.0))
-            if ops:
-                x = _affine_chain_u8(cv2, x, ops)
-        elif spec.jitter_p > 0 and apply[i]:
-            for k in order[i]:
-                if strengths[k] != 0:
-                    x = _JITTER_OPS[k](cv2, x, factors[i][k])
-        if not u8 and spec.grayscale > 0 and gray[i]:
-            x = _grayscale(cv2, x)
-        if taps is not None and blur[i]:
-            x = _blur(cv2, x, taps[i])          # uint8 in -> uint8 out (rounded) when u8
-        planes = [dst[i, 0], dst[i, 1], dst[i, 2]]
-        if normalize:
-            cv2.split(cv2.transform(x.astype(np.float32) if u8 else x, norm), planes)
-        else:
-            # float values are in [0, 255]: convertScaleAbs is round-and-saturate to uint8 here
-            cv2.split(x if u8 else cv2.convertScaleAbs(x), planes)
+        run(cv2, x, i, job, dst[i])
     return out
 
 
-def normalize_uint8(img: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``uint8 [B,3,H,W]`` (0..255) -> ``float32`` ``(img / 255 - mean) / std`` in one fused pass
-    (into ``out`` if given).
+class _Job:
+    """One view's per-sample parameters as Python lists (one ``tolist`` per batch, not per image)."""
 
-    Contiguous CPU input with OpenCV installed: one ``cv2.addWeighted`` per channel over the
-    ``[B, H*W]`` strided plane stack (reads uint8, writes float32 once: ~2x torch's
-    convert-then-``addcmul`` here); otherwise torch.
-    """
-    B, C = img.shape[:2]
-    if out is None:
-        out = torch.empty(img.shape, dtype=torch.float32, device=img.device)
-    if (img.device.type == "cpu" and img.dtype == torch.uint8 and img.dim() == 4 and C == len(mean)
-            and img.is_contiguous() and out.is_contiguous() and img.numel() > 0 and _cv2_available()):
-        cv2 = _cv2()
-        src = img.numpy().reshape(B, C, -1)
-        dst = out.numpy().reshape(B, C, -1)
-        for c in range(C):
-            # [B, H*W] planes with row stride C*H*W: cv2 writes into dst in place
-            cv2.addWeighted(src[:, c], 1.0 / (255.0 * std[c]), src[:, c], 0.0, -mean[c] / std[c], dst=dst[:, c],
-                            dtype=cv2.CV_32F)
-        return out
-    kw = dict(dtype=torch.float32, device=img.device)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], **kw).reshape(1, 3, 1, 1)
-    offset = torch.tensor([-m / s for m, s in zip(mean, std)], **kw).reshape(1, 3, 1, 1)
-    out.copy_(img)
-    return torch.addcmul(offset, out, scale, out=out)
+    def __init__(self, spec: ViewSpec, params: ViewParams, taps, norm: List[float], normalize: bool):
+        self.flip = params.flip.tolist() if spec.flip > 0 else None
+        self.gray = params.gray.tolist() if spec.grayscale > 0 else None
+        self.blur = params.blur.tolist() if taps is not None else None
+        self.taps = taps
+        self.jitter = spec.jitter_p > 0
+        self.apply = params.jitter_apply.tolist()
+        self.order, self.factors = params.jitter_order.tolist(), params.jitter_factors.tolist()
+        self.strengths = O.jitter.strengths(spec)
+        self.norm = norm                 # scale[3] + offset[3]
+        self.norm_m = np.zeros((3, 4), np.float32)   # the same as one 3x4 colour matrix (float path)
+        self.norm_m[[0, 1, 2], [0, 1, 2]], self.norm_m[:, 3] = norm[:3], norm[3:]
+        self.normalize = normalize
+
+    def ops(self, i: int) -> List[Tuple[int, float]]:
+        """Sample ``i``'s colour chain as ``(k, f)`` pairs (jitter ops in the drawn order, 4: grayscale)."""
+        f = self.factors[i]
+        ops = [(k, f[k]) for k in self.order[i] if self.strengths[k] != 0] if self.jitter and self.apply[i] else []
+        if self.gray is not None and self.gray[i]:
+            ops.append((4, 1.0))
+        return ops
+
+
+def _image_u8(cv2, x: np.ndarray, i: int, job: _Job, planes: np.ndarray) -> None:
+    """``precision="uint8"``: flip + colour chain in one pass (numba) written straight into the
+    output planes when no blur follows; else into an HWC image, blurred (uint8 ``sepFilter2D``),
+    then split (uint8) or normalised (float) into the planes."""
+    flip = job.flip is not None and bool(job.flip[i])
+    norm = job.norm if job.normalize else None
+    taps = job.taps[i] if job.blur is not None and job.blur[i] else None
+    if taps is not None and _blur_is_identity(taps):
+        taps = None                       # sigma so small that the rounded blur is the identity
+    if taps is None:
+        _colour_view_u8(cv2, x, job.ops(i), flip, planes=planes, norm=norm)
+        return
+    x = _blur(cv2, _colour_view_u8(cv2, x, job.ops(i), flip), taps)
+    if norm is None:
+        cv2.split(x, [planes[0], planes[1], planes[2]])
+    else:
+        _colour_view_u8(cv2, x, [], False, planes=planes, norm=norm)
+
+
+def _image_float(cv2, x: np.ndarray, i: int, job: _Job, planes: np.ndarray) -> None:
+    """``precision="float"``: the float32 OpenCV ops on ``[0, 255]`` HWC, then normalisation as
+    one 3x4 ``cv2.transform`` split straight into the planes (or rounded to uint8)."""
+    x = x.astype(np.float32)
+    if job.flip is not None and job.flip[i]:
+        x = cv2.flip(x, 1)
+    if job.jitter and job.apply[i]:
+        for k in job.order[i]:
+            if job.strengths[k] != 0:
+                x = _JITTER_OPS[k](cv2, x, job.factors[i][k])
+    if job.gray is not None and job.gray[i]:
+        x = _grayscale(cv2, x)
+    if job.blur is not None and job.blur[i]:
+        x = _blur(cv2, x, job.taps[i])
+    dst = [planes[0], planes[1], planes[2]]
+    if job.normalize:
+        cv2.split(cv2.transform(x, job.norm_m), dst)
+    else:
+        # float values are in [0, 255]: convertScaleAbs is round-and-saturate to uint8 here
+        cv2.split(cv2.convertScaleAbs(x), dst)
 
 
 # ------------------------------------------------------------------------ the worker hook
@@ -393,6 +296,7 @@ class WorkerAugment:
         if not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"WorkerAugment threads must be an integer >= 1, got {threads!r}")
         self.augment = augment
+        self._warned = False    # the fallback warning is given once per process
         self.impl = impl
         self.threads = threads
         self.share_memory = bool(share_memory)
@@ -433,7 +337,9 @@ class WorkerAugment:
         out = [normalize_uint8(v, self.augment.mean, self.augment.std,
                                out=self._pool.empty(v.shape) if v.device.type == "cpu" else None)
                if v.dtype == torch.uint8 else v for v in views]
-        return batch.with_views(out) if hasattr(batch, "with_views") else out
+        if not hasattr(batch, "with_views"):
+            return out
+        return batch.with_views(out, stage="augmented") if hasattr(batch, "stage") else batch.with_views(out)
 
     @property
     def crop_specs(self):
@@ -448,6 +354,17 @@ class WorkerAugment:
             return "cv2"
         return "cv2" if spec.size >= CV2_MIN_SIZE and _cv2_available() else "torch"
 
+    def _warn_fallback(self) -> None:
+        """Say once per process which views' ops the OpenCV executor lacks (they run the torch executors)."""
+        if self._warned or self.impl == "torch":
+            return
+        self._warned = True
+        lacking = {v: missing_ops(s) for v, s in enumerate(self.augment.specs) if missing_ops(s)}
+        if lacking:
+            what = "; ".join(f"view {v}: {', '.join(m)}" for v, m in lacking.items())
+            warnings.warn(f"WorkerAugment: the OpenCV executor lacks {what}: those views run the torch "
+                          f"executors in the worker (same parameters)", stacklevel=3)
+
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_pid"] = None  # a worker sets its own thread counts
@@ -461,7 +378,7 @@ class WorkerAugment:
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         if _cv2_available():
-            _cv2().setNumThreads(self.threads)
+            set_cv2_threads(self.threads)   # fork-safe in a worker (loaders.cv2_fork)
 
     def __call__(self, views: Sequence[torch.Tensor], seed_key: Tuple[int, ...], alloc=None) -> List[torch.Tensor]:
         """``alloc``: optional ``alloc(shape, dtype) -> tensor`` for the cv2 path's outputs (the
@@ -472,14 +389,15 @@ class WorkerAugment:
             raise ValueError(f"WorkerAugment with {aug.num_views} views got {len(views)} crops: build the loader "
                              f"with crops=worker_augment.crop_specs")
         self._setup_process()
-        step = step_for(seed_key)
+        self._warn_fallback()
+        key = step_for(seed_key)
+        params = S.draw(aug, views[0].shape[0], key=key)
         in_worker = self.share_memory and torch.utils.data.get_worker_info() is not None
         out = []
         for v, (img, spec) in enumerate(zip(views, aug.specs)):
             if img.dtype != torch.uint8 or img.dim() != 4:
                 raise ValueError(f"WorkerAugment view {v}: expected uint8 [B,3,H,W] crops, got {img.dtype} "
                                  f"{tuple(img.shape)}")
-            g = P.make_generator("cpu", aug.seed, step, v)
             B, C, H, W = img.shape
             as_u8 = self.output == "uint8"
             if self.impl_for(spec) == "cv2" and H == spec.size and W == spec.size:
@@ -490,10 +408,10 @@ class WorkerAugment:
                     dst = torch.empty(B, C, H, W, dtype=dtype)
                     if in_worker:
                         dst.share_memory_()  # filled in place; the worker -> main transfer then copies nothing
-                out.append(cv2_view(img, spec, g=g, mean=aug.mean, std=aug.std, out=dst, normalize=not as_u8,
+                out.append(cv2_view(img, spec, params[v], mean=aug.mean, std=aug.std, out=dst, normalize=not as_u8,
                                     precision=self.precision))
             else:
-                x = aug.view(img, spec, g=g, crop=False)
+                x = aug.view(img, spec, params[v])      # the torch executors, same params
                 if as_u8:  # undo the normalisation, round once
                     m = torch.tensor(aug.mean).reshape(1, 3, 1, 1)
                     sd = torch.tensor(aug.std).reshape(1, 3, 1, 1)

@@ -1,15 +1,14 @@
-"""Random-resized-crop parameters, sampled for a whole batch at once.
+"""What a backend that crops while decoding needs to know about a view: :class:`CropSpec`.
 
-The distribution is torchvision's ``RandomResizedCrop.get_params``: up to 10 attempts of
-(area fraction ~ U(scale), log aspect ratio ~ U(log ratio)), ``w = round(sqrt(A*r))``,
-``h = round(sqrt(A/r))``, the first attempt that fits is placed uniformly; otherwise a central
-crop clamped to the ratio range. Here all attempts for all samples are drawn as arrays, so
-there is no per-sample Python. Used by backends that crop while decoding and by the device
-augmentation engine, so both draw crops from one definition.
+Boxes are drawn by the one random-resized-crop sampler
+(:func:`loaders.augment.ops.crop.rrc_boxes`, torchvision's ``RandomResizedCrop.get_params``
+distribution, every image with its own size), through the sampler with the batch key
+(:func:`loaders.augment.sampler.draw_boxes`), so the boxes a loader worker draws are the ones
+the device engine would draw for the same key. :func:`rrc_params` is the same sampler fed by a
+``numpy`` Generator (for callers that hold one).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence, Tuple
 
@@ -17,18 +16,19 @@ import numpy as np
 
 __all__ = ["CropSpec", "rrc_params"]
 
-_ATTEMPTS = 10
-
 
 @dataclass(frozen=True)
 class CropSpec:
     """One output view's random-resized-crop: output ``size`` (square), area ``scale`` range,
-    aspect ``ratio`` range and resampling (``bilinear`` or ``bicubic``)."""
+    aspect ``ratio`` range, resampling (``bilinear``, ``bicubic`` or ``nearest``), and ``seed``:
+    the augmentation seed the boxes are drawn with (``Augment.crop_specs`` sets the engine's, so
+    crops made while decoding equal the engine's crops for the same batch key)."""
 
     size: int
     scale: Tuple[float, float] = (0.08, 1.0)
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
     interpolation: str = "bilinear"
+    seed: int = 0
 
     def __post_init__(self):
         if self.size <= 0:
@@ -44,43 +44,14 @@ class CropSpec:
 def rrc_params(rng: np.random.Generator, heights, widths,
                scale: Sequence[float] = (0.08, 1.0),
                ratio: Sequence[float] = (3 / 4, 4 / 3)) -> np.ndarray:
-    """Crop boxes for ``n`` images of sizes ``heights[n]``, ``widths[n]``.
+    """Crop boxes ``int64 [n, 4]`` rows ``(top, left, h, w)`` for ``n`` images of sizes
+    ``heights[n]``, ``widths[n]``: :func:`loaders.augment.ops.crop.rrc_boxes` on a torch
+    generator seeded from ``rng`` (one draw of ``rng``)."""
+    import torch
 
-    Returns ``int64 [n, 4]`` rows ``(top, left, h, w)``, distributed as torchvision's
-    ``RandomResizedCrop.get_params`` on each image.
-    """
-    H = np.asarray(heights, dtype=np.int64).reshape(-1)
-    W = np.asarray(widths, dtype=np.int64).reshape(-1)
-    if H.shape != W.shape:
-        raise ValueError(f"heights {H.shape} and widths {W.shape} differ")
-    n = H.shape[0]
-    area = (H * W).astype(np.float64)[:, None]
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    target = area * rng.uniform(scale[0], scale[1], size=(n, _ATTEMPTS))
-    aspect = np.exp(rng.uniform(log_r[0], log_r[1], size=(n, _ATTEMPTS)))
-    # round half to even, as Python's round() in torchvision
-    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
-    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
-    ok = (w > 0) & (h > 0) & (w <= W[:, None]) & (h <= H[:, None])
-    first = np.argmax(ok, axis=1)
-    found = ok[np.arange(n), first]
-    hh = h[np.arange(n), first]
-    ww = w[np.arange(n), first]
-    u = rng.random((n, 2))
-    top = np.floor(u[:, 0] * (H - hh + 1)).astype(np.int64)
-    left = np.floor(u[:, 1] * (W - ww + 1)).astype(np.int64)
-    if not found.all():
-        nf = ~found
-        in_ratio = W[nf] / H[nf]
-        fw = W[nf].copy()
-        fh = H[nf].copy()
-        lo = in_ratio < min(ratio)
-        hi = in_ratio > max(ratio)
-        fw[lo] = W[nf][lo]
-        fh[lo] = np.rint(fw[lo] / min(ratio)).astype(np.int64)
-        fh[hi] = H[nf][hi]
-        fw[hi] = np.rint(fh[hi] * max(ratio)).astype(np.int64)
-        hh[nf], ww[nf] = fh, fw
-        top[nf] = (H[nf] - fh) // 2
-        left[nf] = (W[nf] - fw) // 2
-    return np.stack([top, left, hh, ww], axis=1)
+    from .augment.ops.crop import rrc_boxes
+    g = torch.Generator()
+    g.manual_seed(int(rng.integers(0, 2**63 - 1)))
+    H = torch.as_tensor(np.asarray(heights, dtype=np.int64).reshape(-1))
+    W = torch.as_tensor(np.asarray(widths, dtype=np.int64).reshape(-1))
+    return rrc_boxes(H, W, scale=scale, ratio=ratio, g=g).numpy()

@@ -7,30 +7,34 @@ JPEGs, or uint8 arrays from npz/synthetic/CIFAR sources) and feeds them to DALI 
 ``fn.external_source``. Ratios, dup, fraction, budget, rank slices and exact resume are therefore
 those of the mixture, identical to the torch backend.
 
-Random parameters are drawn in numpy, not by DALI's RNG: crop boxes with
-:func:`loaders.crop.rrc_params` from ``numpy.random.default_rng([seed, rank, b])`` (the torch
-backend's stream, so both backends cut the same boxes), and flips/colour parameters from
-``default_rng([seed, rank, b, 1])``. They enter the graph as per-sample arguments. DALI's own
-RNG operators are seeded per pipeline but restart from their seed whenever a pipeline is
-rebuilt, so a resumed run would not see the parameters of an uninterrupted one; drawing them
-here makes batch ``b`` a pure function of ``(seed, rank, b)`` across restarts, thread counts and
-devices (decoders and resize kernels may still differ by a grey level between CPU and GPU).
+Random parameters are never drawn by DALI's RNG (it restarts from its seed whenever a pipeline is
+rebuilt, so a resumed run would not see an uninterrupted one's parameters). Chunk ``b`` has the
+key :func:`loaders.augment.sampler.batch_key` ``(seed, rank, first item)`` (the torch backend's;
+``Batch.key``), and the feeder draws the chunk's parameters ONCE through the sampler
+(:func:`~loaders.augment.sampler.draw`, image sizes from the headers it already reads); they
+enter the graph as per-sample arguments. So a batch is a pure function of its position across
+restarts, thread counts and devices, and the graph, the device engine and the OpenCV workers
+apply the very same draw (decoders and resize kernels may still differ by a grey level between
+CPU and GPU).
 
-Decoding runs on the GPU (``device="mixed"``: nvJPEG) when ``device_id`` is given and CUDA is
-available, on CPU otherwise (``device_id=None`` pipelines need no GPU; that is what CI tests).
+``device_id``: ``None`` (default) builds a CPU pipeline (needs no GPU; what CI tests); an int,
+or ``"auto"`` (:func:`local_device_id`: ``LOCAL_RANK``, else the current CUDA device), decodes on
+that GPU (``device="mixed"``: nvJPEG) and runs the graph there, when CUDA is available. The
+stream passes each rank its local device.
 
-Modes:
+Modes (``Batch.stage`` says which):
 
-* ``augment=None``: uint8 ``[B,3,S,S]`` crops (decode + random-resized-crop per view,
-  + horizontal flip with ``flip=True``); the device augmentation engine does the rest
-  (``aug(batch, step=..., crop=False)``).
-* ``augment=<preset name | Augment | list[ViewRecipe]>``: the full recipe in the DALI graph
-  (crop, flip, colour jitter, grayscale, Gaussian blur, solarize, normalize); the Batch's views
-  are then **float32 normalised** ``[B,3,S,S]``. Differences from the engine: DALI's
-  ``color_twist`` applies brightness/contrast/saturation/hue in a fixed order (torchvision
-  draws a random order), its contrast pivots on mid-grey instead of the image mean; ops DALI
-  lacks (RandAugment, equalize) are not run here: :func:`recipes_from_augment` refuses such a
-  preset, run it with ``augment=None`` and the engine instead.
+* ``augment=None``: uint8 ``[B,3,S,S]`` crops per CropSpec (+ horizontal flip with ``flip=True``),
+  stage ``"cropped"``; the device engine does the rest (``aug(batch, crop=False)``, key
+  ``batch.key``). Without crops: whole images (``resize``/as-is), stage ``"raw"``.
+* ``augment=<preset name | Augment>``: the recipe in the DALI graph (:mod:`loaders.dali_graph`:
+  crop, flip, colour jitter in each sample's own order with contrast around the image mean, HSV
+  hue, grayscale, blur, solarize, normalize: the engine's semantics, equal to the engine on the
+  same crops to float rounding, tests/test_dali.py); views **float32 normalised**, stage
+  ``"augmented"``. The crop is rounded to uint8 first, as the other backends' crops are. A recipe
+  with an op the graph lacks (RandAugment) is not run in the graph: the loader yields the
+  recipe's uint8 crops (stage ``"cropped"``, the sampler's boxes) for the device engine and
+  warns once, naming the views and ops. ``graph=False`` asks for those crops directly.
 
 DALI's own WebDataset reader (``fn.readers.webdataset``) reads shards sequentially with a
 shuffle buffer and cannot weight or resume a mixture; it is offered only as the explicitly
@@ -52,8 +56,9 @@ names the extra (``pip install 'fastssl[dali]'``).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+import os
+import warnings
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -61,6 +66,7 @@ import torch
 from .base import Source
 from .batch import Batch
 from .crop import CropSpec
+from .dali_graph import arg_names, augment_view, lacking_ops, view_args
 from .errors import ConfigError, DataError, SampleError
 from .plan_loader import (
     DEFAULT_MAX_SKIP_FRACTION,
@@ -71,7 +77,7 @@ from .plan_loader import (
     sample_error,
 )
 
-__all__ = ["DaliLoader", "PlanLoader", "ViewRecipe", "recipes_from_augment", "require_dali",
+__all__ = ["DaliLoader", "PlanLoader", "local_device_id", "resolve_augment", "require_dali",
            "dali_webdataset_pipeline", "image_size"]
 
 _DALI_HINT = "install the extra: pip install 'fastssl[dali]' (NVIDIA DALI, nvidia-dali-cuda130)"
@@ -125,99 +131,41 @@ def _as_ppm(a: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# augmentation recipe (what the DALI graph can do)
+# device and augmentation
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ViewRecipe:
-    """One output view's augmentation in the DALI graph, torchvision/solo-learn semantics.
-
-    ``crop`` random-resized-crop; ``flip`` probability; colour jitter applied with probability
-    ``jitter`` and strengths ``brightness``/``contrast``/``saturation`` (factor ~ U(1-x, 1+x))
-    and ``hue`` (shift ~ U(-x, x) of a full turn); ``gray`` probability; Gaussian blur with
-    probability ``blur``, sigma ~ U(``blur_sigma``) pixels, window ``blur_kernel`` (0: the
-    engine's ``blur_kernel_size`` of the crop size); ``solarize`` probability (pixels >= 128 inverted); ``mean``/``std``
-    in [0, 1] units for the final normalisation.
-    """
-
-    crop: CropSpec
-    flip: float = 0.5
-    jitter: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    gray: float = 0.2
-    blur: float = 0.0
-    blur_sigma: Tuple[float, float] = (0.1, 2.0)
-    blur_kernel: int = 0
-    solarize: float = 0.0
-    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-    def kernel(self) -> int:
-        if self.blur_kernel:
-            return int(self.blur_kernel)
-        return max(3, 2 * int(round(self.crop.size * 11.0 / 224.0)) + 1)  # the engine's rule
+def local_device_id() -> Optional[int]:
+    """This process's CUDA device for DALI: ``LOCAL_RANK`` (torchrun/accelerate) when it names a
+    visible device, else ``torch.cuda.current_device()``; None without CUDA (CPU pipeline)."""
+    if not torch.cuda.is_available():
+        return None
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and local.strip().lstrip("-").isdigit() and 0 <= int(local) < torch.cuda.device_count():
+        return int(local)
+    return int(torch.cuda.current_device())
 
 
-def recipes_from_augment(augment) -> List[ViewRecipe]:
-    """Map the engine's augmentation to DALI view recipes.
-
-    ``augment``: a preset name (``configs/augment/{name}.yaml``), an
-    :class:`loaders.augment.Augment` (one recipe per output view, ``count`` expanded) or a list
-    of :class:`ViewRecipe`. A view with RandAugment raises ConfigError: DALI lacks its ops, so run
-    that preset with ``augment=None`` and the engine after the loader.
-    """
-    if isinstance(augment, (list, tuple)) and all(isinstance(r, ViewRecipe) for r in augment):
-        return list(augment)
+def resolve_augment(augment):
+    """``augment`` as an :class:`loaders.augment.Augment` (a preset name is loaded), or None."""
+    if augment is None:
+        return None
     from .augment import Augment  # the engine's preset schema (no heavy dependencies)
     if isinstance(augment, str):
-        augment = Augment.from_preset(augment)
+        return Augment.from_preset(augment)
     if not isinstance(augment, Augment):
-        raise ConfigError(f"DALI augment must be a preset name, an Augment or a list of ViewRecipe, "
-                          f"got {type(augment).__name__}")
-    recipes = []
-    for k, v in enumerate(augment.specs):
-        if v.randaugment is not None:
-            raise ConfigError(f"view {k} uses RandAugment, which the DALI graph lacks: build the DALI loader "
-                              f"with augment=None and run the engine after it (aug(batch, step=..., crop=False))")
-        recipes.append(ViewRecipe(
-            crop=v.crop_spec, flip=v.flip, jitter=v.jitter_p, brightness=v.brightness, contrast=v.contrast,
-            saturation=v.saturation, hue=v.hue, gray=v.grayscale, blur=v.blur_p,
-            blur_sigma=tuple(v.blur_sigma), blur_kernel=v.kernel_size, solarize=v.solarize,
-            mean=augment.mean, std=augment.std))
-    return recipes
+        raise ConfigError(f"DALI augment must be a preset name or an Augment, got {type(augment).__name__}")
+    return augment
 
 
-def _draw_recipe_params(rng: np.random.Generator, r: ViewRecipe, n: int) -> dict:
-    """Per-sample parameters of one view (numpy, batched): colour factors (identity where the
-    jitter does not fire), saturation 0 where grayscale fires, blur sigma and flags."""
-    fire = rng.random(n) < r.jitter
-    u = rng.random((n, 4))
-    b = np.where(fire, 1 + r.brightness * (2 * u[:, 0] - 1), 1.0)
-    c = np.where(fire, 1 + r.contrast * (2 * u[:, 1] - 1), 1.0)
-    s = np.where(fire, 1 + r.saturation * (2 * u[:, 2] - 1), 1.0)
-    h = np.where(fire, r.hue * (2 * u[:, 3] - 1) * 360.0, 0.0)  # DALI's hue is in degrees
-    gray = rng.random(n) < r.gray
-    # gray after jitter: in YIQ space a zero saturation keeps luma (0.299, 0.587, 0.114) only
-    s = np.where(gray, 0.0, np.maximum(s, 0.0))
-    blur = rng.random(n) < r.blur
-    sigma = rng.uniform(r.blur_sigma[0], r.blur_sigma[1], n)
-    sol = rng.random(n) < r.solarize
-    flip = rng.random(n) < r.flip
-    f32 = np.float32
-    return {"brightness": np.maximum(b, 0).astype(f32), "contrast": np.maximum(c, 0).astype(f32),
-            "saturation": s.astype(f32), "hue": h.astype(f32), "blur": blur.astype(np.uint8),
-            "sigma": sigma.astype(f32), "solarize": sol.astype(np.uint8), "flip": flip.astype(np.int32)}
-
-
-def _recipe_keys(r: ViewRecipe) -> Tuple[str, ...]:
-    """The per-sample parameters view recipe ``r`` feeds to the graph (unused ops send none)."""
-    keys = ("brightness", "contrast", "saturation", "hue")
-    keys += ("blur", "sigma") if r.blur > 0 else ()
-    keys += ("solarize",) if r.solarize > 0 else ()
-    return keys + ("flip",)
+def _fallback_note(augment) -> Optional[str]:
+    """Why the graph cannot run ``augment`` (views and ops), or None when it can."""
+    lacking = {v: lacking_ops(s) for v, s in enumerate(augment.specs)}
+    lacking = {v: ops for v, ops in lacking.items() if ops}
+    if not lacking:
+        return None
+    what = "; ".join(f"view {v}: {', '.join(ops)}" for v, ops in lacking.items())
+    return (f"dali loader: the DALI graph lacks ops this recipe uses ({what}); it yields uint8 crops "
+            f"(stage 'cropped', the sampler's boxes) and the device engine applies the whole recipe")
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,34 +176,51 @@ class DaliLoader(PlanLoader):
     """DALI pipeline fed by the mixture's plan; yields :class:`~loaders.batch.Batch`.
 
     Shared Loader arguments (see :class:`PlanLoader`) plus, keyword-only:
-    ``device_id`` (CUDA device of this rank; ``None`` = CPU pipeline), ``augment`` (``None``:
-    uint8 views; a preset name / Augment / list of :class:`ViewRecipe`: the full recipe in DALI,
-    float32 normalised views), ``flip`` (uint8 mode: random horizontal flip p=0.5 per view),
-    ``num_threads`` (DALI CPU threads, default ``max(1, num_workers)``), ``prefetch`` (batches
-    DALI prepares ahead), ``drop_last``, ``read_timeout_s`` and ``max_skip_fraction`` (see
-    :class:`PlanLoader`). ``num_workers`` threads read samples from the sources.
+    ``device_id`` (CUDA device of this rank; ``"auto"``: :func:`local_device_id`; ``None`` = CPU
+    pipeline), ``augment`` (``None``: uint8 views; a preset name / :class:`~loaders.augment.Augment`:
+    the recipe in the DALI graph, float32 normalised views, or uint8 crops when the graph lacks one
+    of its ops), ``graph`` (False: with ``augment``, only its crops, at the sampler's boxes, for the
+    device engine: stage ``"cropped"``), ``flip`` (without ``augment``: random horizontal flip
+    p=0.5 per view, the sampler's flip coins), ``num_threads`` (DALI CPU threads, default
+    ``max(1, num_workers)``), ``prefetch`` (batches DALI prepares ahead), ``drop_last``,
+    ``read_timeout_s`` and ``max_skip_fraction`` (see :class:`PlanLoader`). ``num_workers``
+    threads read samples from the sources.
 
-    Views: ``[B, 3, S, S]`` per CropSpec (or per recipe), or one ``[B, 3, R, R]`` view resized to
-    ``resize``, or the images as they are when all share one size. On the GPU path the views are
-    CUDA tensors on ``device_id``; ``index``/``source``/``label`` stay on the CPU.
+    Views: ``[B, 3, S, S]`` per CropSpec (or per augment view), or one ``[B, 3, R, R]`` view
+    resized to ``resize``, or the images as they are when all share one size. ``Batch.stage``:
+    ``"augmented"`` (graph recipe), ``"cropped"`` (crops) or ``"raw"``; ``Batch.key``: the
+    sampler's :func:`~loaders.augment.sampler.batch_key`. On the GPU path the views are CUDA
+    tensors on ``device_id``; ``index``/``source``/``label`` stay on the CPU.
     """
 
     backend = "dali"
 
     def __init__(self, sources, mixture, *, batch_size, crops=None, resize=None, rank=0, world_size=1,
-                 num_workers=2, seed=0, on_error="raise", pin_memory=False, device_id: Optional[int] = None,
-                 augment=None, flip: bool = False, num_threads: Optional[int] = None, prefetch: int = 2,
-                 drop_last: bool = True, read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
+                 num_workers=2, seed=0, on_error="raise", pin_memory=False, device_id: Union[int, str, None] = None,
+                 augment=None, graph: bool = True, flip: bool = False, num_threads: Optional[int] = None,
+                 prefetch: int = 2, drop_last: bool = True, read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
                  max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION):
         require_dali()
-        self.recipes = recipes_from_augment(augment) if augment is not None else None
-        if self.recipes is not None:
-            crops = [r.crop for r in self.recipes]
+        self.augment = resolve_augment(augment)
+        self.fallback = _fallback_note(self.augment) if self.augment is not None and graph else None
+        if self.fallback:
+            warnings.warn(self.fallback, stacklevel=2)  # once per loader: never silently
+        self.in_graph = self.augment is not None and bool(graph) and self.fallback is None
+        if self.augment is not None:
+            if crops is not None and list(crops) != list(self.augment.crop_specs):
+                raise ConfigError("dali loader: crops= and augment= disagree (the recipe's views set the crops: "
+                                  "pass one of them, or crops=augment.crop_specs)")
+            crops = self.augment.crop_specs
         super().__init__(sources, mixture, batch_size=batch_size, crops=crops, resize=resize, rank=rank,
                          world_size=world_size, num_workers=num_workers, seed=seed, on_error=on_error,
                          pin_memory=pin_memory, drop_last=drop_last, read_timeout_s=read_timeout_s,
                          max_skip_fraction=max_skip_fraction)
+        self.stage = "augmented" if self.in_graph else ("cropped" if self.crops else "raw")
         self.flip = bool(flip)
+        if device_id == "auto":
+            device_id = local_device_id()
+        elif isinstance(device_id, str):
+            raise ConfigError(f"dali device_id must be an int, 'auto' or None, got {device_id!r}")
         self.gpu = device_id is not None and torch.cuda.is_available()
         self.device_id = int(device_id) if self.gpu else None
         self.num_threads = int(num_threads) if num_threads else max(1, self.num_workers)
@@ -265,15 +230,46 @@ class DaliLoader(PlanLoader):
         self.raw = all(_yields_arrays(s, probe) for s in self.sources)
         self._failed: dict = {}  # chunk -> its failed (slot, reason) pairs, from the feed to _batches
 
+    # -- per-chunk parameters ------------------------------------------------------------------
+    def batch_key(self, plan, b: int) -> int:
+        """The sampler's key of chunk ``b`` after ``plan``'s cursor (the torch backend's)."""
+        from .augment.sampler import batch_key
+        return batch_key(self.seed, plan.rank, plan.samples + b * plan.batch_size)
+
+    def _view_inputs(self, plan, b: int, hw: np.ndarray) -> list:
+        """Per view: roi start/end float32 [2] (+ the graph's :func:`~loaders.dali_graph.arg_names`
+        arrays, or the flip int32) as per-sample lists for the n samples of chunk ``b`` with image
+        sizes ``hw``. With ``augment`` the boxes come from the one :func:`~loaders.augment.sampler.draw`
+        of the chunk (all ops in the graph, the crop op only otherwise)."""
+        from .augment.sampler import draw
+        n, key, out = len(hw), self.batch_key(plan, b), []
+        params = None
+        if self.augment is not None:
+            ops = None if self.in_graph else ("crop",)
+            params = draw(self.augment, n, key=key, sizes=torch.from_numpy(hw), ops=ops)
+            boxes = [p.box.numpy() for p in params]
+        else:
+            boxes = self.crop_boxes(plan, b, hw[:, 0], hw[:, 1])
+        flips = np.zeros((n, len(boxes)), bool)
+        if self.flip and self.augment is None:  # with a recipe, its flip op flips (graph or engine)
+            flips = self.flips(plan, b, n, len(boxes))   # the torch backend's draws (augment seed)
+        for v, box in enumerate(boxes):
+            start = box[:, :2].astype(np.float32)
+            out += [list(start), list(start + box[:, 2:].astype(np.float32))]
+            if self.in_graph:
+                out += [list(a) for a in view_args(params[v].numpy(), self.augment.specs[v])]
+            else:
+                out.append(list(flips[:, v].astype(np.int32)))
+        return out
+
     # -- the feed (runs in the thread that calls pipe.run) --------------------------------------
     def _feeder(self, plan):
         """Callable for ``fn.external_source``: each call returns the next plan chunk with a readable
         sample as per-sample lists (data, meta int64[5] = index, source, label, chunk, failed-in-chunk,
-        and per view roi start/end float32[2] (+ recipe parameters)); the chunk's failed slots go
-        to ``self._failed`` (chunks where every sample failed are left out)."""
+        and per view the inputs of :meth:`_view_inputs`); the chunk's failed slots go to
+        ``self._failed`` (chunks where every sample failed are left out)."""
         reader = TimedReader(self.read_timeout_s, threads=max(1, self.num_workers))
         ids = self._batch_ids(plan)
-        views = self._views_spec()
 
         def feed():
             for b in ids:
@@ -296,20 +292,10 @@ class DaliLoader(PlanLoader):
                 data = [_as_ppm(d) if isinstance(d, np.ndarray) else np.frombuffer(d, np.uint8) for d in data]
             out = [data, list(meta)]
             if self.crops:
-                hw = hw[keep]
-                boxes = self.crop_boxes(plan, b, hw[:, 0], hw[:, 1])
-                for box in boxes:
-                    start = box[:, :2].astype(np.float32)
-                    out += [list(start), list(start + box[:, 2:].astype(np.float32))]
-            rng = self.aux_rng(plan, b)
-            if self.recipes is not None:
-                for r in self.recipes:
-                    p = _draw_recipe_params(rng, r, n)
-                    out += [list(p[k]) for k in _recipe_keys(r)]
-            else:
-                for _ in views:
-                    fl = (rng.random(n) < 0.5) if self.flip else np.zeros(n, bool)
-                    out.append(list(fl.astype(np.int32)))
+                out += self._view_inputs(plan, b, hw[keep])
+            else:  # one whole-image view: only the optional flip
+                flips = self.flips(plan, b, n, 1) if self.flip else np.zeros((n, 1), bool)
+                out.append(list(flips[:, 0].astype(np.int32)))
             return tuple(out)
 
         return feed
@@ -336,15 +322,21 @@ class DaliLoader(PlanLoader):
         return hw
 
     # -- the graph -------------------------------------------------------------------------------
+    def _feed_names(self, k: int) -> Tuple[str, ...]:
+        """Names of view ``k``'s feed inputs (after its roi pair): the graph's arguments, or the flip."""
+        return arg_names(self.augment.specs[k]) if self.in_graph else ("flip",)
+
     def _build(self, plan):
         dali = require_dali()
         from nvidia.dali import fn, types
 
         views = self._views_spec()
-        n_out = 2 + (2 * len(views) if self.crops else 0) + \
-            (sum(len(_recipe_keys(r)) for r in self.recipes) if self.recipes is not None else len(views))
+        names = [self._feed_names(k) for k in range(len(views))]
+        per = [len(nm) + (2 if self.crops else 0) for nm in names]
+        n_out = 2 + sum(per)
         layouts = ["HWC" if self.raw else ""] + [""] * (n_out - 1)
         interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
+        specs = self.augment.specs if self.augment is not None else [None] * len(views)
 
         @dali.pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
                            device_id=self.device_id, seed=self.seed * 1000003 + self.rank,
@@ -352,42 +344,28 @@ class DaliLoader(PlanLoader):
         def pipe():
             ins = list(fn.external_source(source=self._feeder(plan), num_outputs=n_out, batch=True,
                                           layout=layouts, no_copy=False))
-            data, meta = ins[0], ins[1]
-            rest = ins[2:]
+            data, meta, rest = ins[0], ins[1], ins[2:]
             if self.raw:
                 img = data.gpu() if self.gpu else data
             else:
                 img = fn.decoders.image(data, device="mixed" if self.gpu else "cpu", output_type=types.RGB)
             outs = [meta]
-            for k, (size, spec) in enumerate(views):
-                if spec is not None:
-                    start, end = rest[2 * k], rest[2 * k + 1]
-                    v = fn.resize(img, size=[size, size], roi_start=start, roi_end=end, roi_relative=False,
-                                  interp_type=interp[spec.interpolation], antialias=True)
+            for k, (size, crop) in enumerate(views):
+                args = rest[sum(per[:k]):sum(per[:k + 1])]
+                if crop is not None:
+                    antialias = getattr(specs[k], "antialias", True)
+                    v = fn.resize(img, size=[size, size], roi_start=args[0], roi_end=args[1], roi_relative=False,
+                                  interp_type=interp[crop.interpolation], antialias=antialias)
+                    args = args[2:]
                 elif size:
                     v = fn.resize(img, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
                 else:
                     v = img
-                base = 2 * len(views) if self.crops else 0
-                if self.recipes is not None:
-                    r = self.recipes[k]
-                    first = base + sum(len(_recipe_keys(q)) for q in self.recipes[:k])
-                    p = dict(zip(_recipe_keys(r), rest[first:first + len(_recipe_keys(r))]))
-                    v = fn.color_twist(v, brightness=p["brightness"], contrast=p["contrast"],
-                                       saturation=p["saturation"], hue=p["hue"])
-                    if r.blur > 0:
-                        w = r.kernel()
-                        blurred = fn.gaussian_blur(v, sigma=p["sigma"], window_size=w)
-                        bf = p["blur"]
-                        # per-sample select without conditionals: flags are 0/1
-                        v = fn.cast(blurred * bf + v * (1 - bf), dtype=types.UINT8)
-                    if r.solarize > 0:
-                        high = fn.cast(v >= 128, dtype=types.UINT8)
-                        v = v ^ (high * p["solarize"] * 255)  # 255 - x == x XOR 255 for uint8
-                    v = fn.crop_mirror_normalize(v, dtype=types.FLOAT, output_layout="CHW", mirror=p["flip"],
-                                                 mean=[255 * m for m in r.mean], std=[255 * s for s in r.std])
+                if self.in_graph:
+                    v = augment_view(v, dict(zip(names[k], args)), specs[k], self.augment.mean,
+                                     self.augment.std, on_gpu=self.gpu)
                 else:
-                    v = fn.crop_mirror_normalize(v, dtype=types.UINT8, output_layout="CHW", mirror=rest[base + k])
+                    v = fn.crop_mirror_normalize(v, dtype=types.UINT8, output_layout="CHW", mirror=args[0])
                 outs.append(v)
             return tuple(outs)
 
@@ -404,7 +382,7 @@ class DaliLoader(PlanLoader):
                             f"({e})") from e
         if self.gpu:
             from nvidia.dali.plugin.pytorch import feed_ndarray
-            dtype = torch.uint8 if self.recipes is None else torch.float32
+            dtype = torch.float32 if self.in_graph else torch.uint8
             out = torch.empty(t.shape(), dtype=dtype, device=f"cuda:{self.device_id}")
             feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device_id))
             return out
@@ -430,7 +408,7 @@ class DaliLoader(PlanLoader):
                 m = torch.from_numpy(meta)
                 b = int(meta[0, 3])
                 yield Batch(views=views, index=m[:, 0].clone(), source=m[:, 1].clone(), label=m[:, 2].clone(),
-                            skipped=int(meta[0, 4]),
+                            skipped=int(meta[0, 4]), stage=self.stage, key=self.batch_key(plan, b),
                             meta={"backend": "dali", "batch": b, "failed": self._failed.pop(b, ())})
         finally:
             del pipe

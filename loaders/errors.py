@@ -4,7 +4,10 @@ from __future__ import annotations
 import difflib
 from typing import Iterable, Mapping
 
-__all__ = ["DataError", "SampleError", "ConfigError", "check_keys"]
+__all__ = ["DataError", "SampleError", "ConfigError", "check_keys", "ON_ERROR", "check_on_error"]
+
+#: the values of every ``on_error`` setting: raise a one-line error, or skip the sample and count it
+ON_ERROR = ("raise", "skip")
 
 
 class DataError(ValueError):
@@ -22,6 +25,15 @@ class SampleError(DataError):
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid."""
+
+
+def check_on_error(value, where: str) -> str:
+    """``value`` when it is ``"raise"`` or ``"skip"``, else a ``ConfigError`` naming ``where``
+    (the config key or function, e.g. ``data.on_error``). The one check of every backend, source
+    and converter."""
+    if value not in ON_ERROR:
+        raise ConfigError(f"{where}: on_error must be 'raise' or 'skip', got {value!r}")
+    return value
 
 
 def check_keys(cfg: Mapping, allowed: Iterable[str], where: str) -> None:

@@ -3,16 +3,18 @@
 Why not ``ffcv.loader.Loader`` itself: it reads one file, splits its traversal order into
 fixed chunks and gives its decoders only the sample ids of a batch. A mixture needs several
 files interleaved by the plan, and the crop boxes of batch ``b`` must be a function of the
-batch's position (``loaders.crop.rrc_params`` seeded by ``(seed, rank, position)``, shared with
-the torch and DALI backends) for exact resume; neither fits the Loader's ``TraversalOrder`` +
-``Operation`` interfaces (an Operation cannot receive per-batch parameters). So this module
-keeps FFCV's file format, reader and execution model and drives it by the plan:
+batch's position (the one sampler, ``loaders.augment.sampler.draw_boxes``, with the batch key
+of ``(seed, rank, position)``, shared with the torch and DALI backends and the device engine)
+for exact resume; neither fits the Loader's ``TraversalOrder`` + ``Operation`` interfaces (an
+Operation cannot receive per-batch parameters). So this module keeps FFCV's file format,
+reader and execution model and drives it by the plan:
 
 * the files are memory mapped (FFCV's ``os_cache`` mode; the page cache holds hot data);
 * ``num_workers`` Python threads each build whole batches (thread ``k``: batches ``k, k+K, ...``,
   handed out in plan order); per batch one serial numba kernel (``nogil``: threads run in
   parallel) calls FFCV's compiled turbojpeg decoder (``ffcv.libffcv.imdecode``) **once per sample** into a
-  reused scratch buffer and then cuts every view's crop with FFCV's OpenCV crop+resize
+  reused scratch buffer (at 1/2, 1/4 or 1/8 scale when every view of the sample allows it:
+  :mod:`loaders.decode`, ``reduced_decode``) and then cuts every view's crop with FFCV's OpenCV crop+resize
   (``ffcv.libffcv.resize_crop``, area interpolation) straight into the batch, plus the flips;
   raw-mode samples are cropped from the map without a copy;
 * samples from several files are grouped per file (one kernel call per file in the batch);
@@ -51,6 +53,7 @@ from .base import Source
 from .batch import Batch
 from .beton import BetonSource, require_ffcv
 from .crop import CropSpec
+from .decode import choose_denominators, map_boxes
 from .errors import ConfigError, DataError, SampleError
 from .plan_loader import DEFAULT_MAX_SKIP_FRACTION, DEFAULT_READ_TIMEOUT_S, PlanLoader, sample_error
 
@@ -67,8 +70,9 @@ def decode_views_kernel(parallel: bool = True):
     threads each run it on their own batch (it releases the GIL).
 
     ``kernel(mm, ptr, size, mode, height, width, rows, boxes, flips, out, offsets, out_h, out_w,
-    scratch, status)``: for each of the ``n`` samples of one file (``ptr``/``size``/``mode``/
-    ``height``/``width`` ``[n]``), decode once into ``scratch[i]`` then, for each view ``v``,
+    scratch, status, denom)``: for each of the ``n`` samples of one file (``ptr``/``size``/``mode``/
+    ``height``/``width``/``denom`` ``[n]``), decode once into ``scratch[i]`` (JPEGs at scale
+    ``1/denom[i]``: ``ceil(h/d) x ceil(w/d)``, boxes already mapped onto it) then, for each view ``v``,
     crop ``boxes[i, v]`` = (top, left, h, w) and resize to ``out_h[v] x out_w[v]`` into the
     flat ``out`` buffer at ``offsets[v] + rows[i] * out_h[v] * out_w[v] * 3``, flipping
     horizontally where ``flips[i, v]``. ``status[rows[i]]`` is set to 1 when decoding fails.
@@ -85,7 +89,7 @@ def decode_views_kernel(parallel: bool = True):
 
     @numba.njit(nogil=True, parallel=parallel)
     def kernel(mm, ptr, size, mode, height, width, rows, boxes, flips, out, offsets, out_h, out_w, scratch,
-               status):
+               status, denom):
         n = ptr.shape[0]
         V = offsets.shape[0]
         for i in numba.prange(n):
@@ -93,12 +97,15 @@ def decode_views_kernel(parallel: bool = True):
             w = np.int64(width[i])
             data = mm[ptr[i]:ptr[i] + size[i]]
             if mode[i] == 0:  # JPEG: decode the whole image once, crop every view from it
-                buf = scratch[i % scratch.shape[0], :h * w * 3]  # serial kernel: one scratch row
-                rc = imdecode_c(data, buf, h, w, h, w, 0, 0, 1, 1, False, False)
+                d = np.int64(denom[i])  # reduced decode: libjpeg's scaled IDCT, ceil(h/d) x ceil(w/d)
+                hs = (h + d - 1) // d
+                ws = (w + d - 1) // d
+                buf = scratch[i % scratch.shape[0], :hs * ws * 3]  # serial kernel: one scratch row
+                rc = imdecode_c(data, buf, h, w, h, w, 0, 0, 1, d, False, False)
                 if rc != 0:
                     status[rows[i]] = 1
                     continue
-                img = buf.reshape(h, w, 3)
+                img = buf.reshape(hs, ws, 3)
             else:  # raw HWC bytes straight from the memory map
                 img = data[:h * w * 3].reshape(h, w, 3)
             for v in range(V):
@@ -129,7 +136,9 @@ class FFCVLoader(PlanLoader):
     "crop+flip only" pipeline), ``prefetch`` (batches prepared ahead by the decode threads),
     ``drop_last`` and ``max_skip_fraction`` (see :class:`PlanLoader`); ``read_timeout_s`` is
     accepted and ignored (see the module doc). ``num_workers`` is the number of decode threads
-    (each builds whole chunks; 0 or 1 = one).
+    (each builds whole chunks; 0 or 1 = one). ``reduced_decode`` (default True, with ``crops``): a
+    JPEG much larger than its views is decoded at 1/2, 1/4 or 1/8 scale (:mod:`loaders.decode`:
+    same boxes and flips, mapped onto the reduced image); ``False``: always full decode.
     """
 
     backend = "ffcv"
@@ -137,7 +146,7 @@ class FFCVLoader(PlanLoader):
     def __init__(self, sources: Sequence[Source], mixture, *, batch_size, crops=None, resize=None, rank=0,
                  world_size=1, num_workers=2, seed=0, on_error="raise", pin_memory=False, flip: bool = False,
                  prefetch: int = 2, drop_last: bool = True, read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
-                 max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION):
+                 max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION, reduced_decode: bool = True):
         require_ffcv()
         bad = [f"{getattr(s, 'name', '?')} ({type(s).__name__})" for s in sources if not isinstance(s, BetonSource)]
         if bad:
@@ -149,6 +158,7 @@ class FFCVLoader(PlanLoader):
                          pin_memory=pin_memory, drop_last=drop_last, read_timeout_s=read_timeout_s,
                          max_skip_fraction=max_skip_fraction)
         self.flip = bool(flip)
+        self.reduced_decode = bool(reduced_decode)
         self.prefetch = max(1, int(prefetch))
         files = [s.file for s in self.sources]
         # scratch for one decoded image (the serial kernel decodes one at a time; the prange
@@ -224,8 +234,8 @@ class FFCVLoader(PlanLoader):
             boxes = np.zeros((n, V, 4), np.int64)
             boxes[:, :, 2] = heights[:, None]
             boxes[:, :, 3] = widths[:, None]
-        rng = self.aux_rng(plan, b)
-        flips = (rng.random((n, V)) < 0.5) if self.flip else np.zeros((n, V), bool)
+        flips = self.flips(plan, b, n, V) if self.flip else np.zeros((n, V), bool)
+        denom, boxes = self._reduce(boxes, shapes, files, src, sample, heights, widths)
         out_h = np.array([h for h, _ in shapes], np.int64)
         out_w = np.array([w for _, w in shapes], np.int64)
         per = out_h * out_w * 3 * n
@@ -243,7 +253,7 @@ class FFCVLoader(PlanLoader):
             idx = sample[rows]
             kernel(np.asarray(f.mmap), f.data_ptr[idx], f.data_size[idx], f.mode[idx], heights[rows], widths[rows],
                    rows.astype(np.int64), np.ascontiguousarray(boxes[rows]), flips[rows].astype(np.uint8), out,
-                   offsets, out_h, out_w, scratch, status)
+                   offsets, out_h, out_w, scratch, status, denom[rows])
         undecodable = np.flatnonzero(status)
         failed = sorted(failed + self._failures(keep[undecodable], src_all, sample_all, "JPEG data cannot be decoded"))
         ok = status == 0
@@ -262,8 +272,26 @@ class FFCVLoader(PlanLoader):
             return self._no_rows(b, failed)
         batch = Batch(views=views, index=torch.from_numpy(index[ok]), source=torch.from_numpy(src[ok]),
                       label=torch.from_numpy(labels[ok]), skipped=len(failed),
-                      meta={"backend": "ffcv", "batch": b, "failed": tuple(failed)})
+                      meta={"backend": "ffcv", "batch": b, "failed": tuple(failed)},
+                      stage="cropped" if self.crops else "raw", key=self.batch_key(plan, b))
         return batch.pin_memory() if self.pin_memory and torch.cuda.is_available() else batch
+
+    def _reduce(self, boxes: np.ndarray, shapes, files, src, sample, heights, widths):
+        """(denominators ``int64 [n]``, boxes ``[n, V, 4]`` mapped onto the reduced images): JPEG
+        samples decode at the smallest scale all their views allow (:mod:`loaders.decode`); raw
+        samples, and everything without crops or with ``reduced_decode=False``, at full size."""
+        n, V = boxes.shape[0], boxes.shape[1]
+        if not (self.crops and self.reduced_decode):
+            return np.ones(n, np.int64), boxes
+        jpeg = np.empty(n, bool)
+        for s in np.unique(src):
+            sel = src == s
+            jpeg[sel] = files[s].mode[sample[sel]] == 0
+        per_view = [boxes[:, v] for v in range(V)]
+        d = choose_denominators(per_view, shapes, allowed=jpeg)
+        if (d == 1).all():
+            return d, boxes
+        return d, np.stack([map_boxes(b, d, heights, widths) for b in per_view], axis=1)
 
     def _failures(self, slots: np.ndarray, src: np.ndarray, sample: np.ndarray, why: str) -> list:
         """``(slot, one-line reason)`` for the chunk's failed ``slots``; under ``on_error="raise"``

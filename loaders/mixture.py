@@ -41,12 +41,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .hashing import GOLDEN, MASK64, splitmix64, splitmix64_np
+
 __all__ = ["Mixture", "Plan", "keyed_permutation", "largest_remainder"]
 
 _U64 = np.uint64
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
+_GOLDEN = GOLDEN
 _ROUNDS = 6
 #: positions are computed in chunks of this many, bounding temporaries (~100 B per position)
 _CHUNK = 1 << 20
@@ -54,24 +54,10 @@ _CHUNK = 1 << 20
 _TAG_EPOCH, _TAG_PASS, _TAG_SUBSET = 1, 2, 3
 
 
-def _splitmix(z: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on a uint64 array (wrapping arithmetic; arrays never warn)."""
-    z = z + _U64(_GOLDEN)
-    z = (z ^ (z >> _U64(30))) * _U64(_MIX1)
-    z = (z ^ (z >> _U64(27))) * _U64(_MIX2)
-    return z ^ (z >> _U64(31))
-
-
-_M = (1 << 64) - 1
-
-
-def _splitmix_int(z: int) -> int:
-    """:func:`_splitmix` on one Python int in ``[0, 2^64)`` (the same bits). Speed: scalar keys
-    hashed in Python ints cost ~1 us instead of ~10 us for the 8 numpy calls on a 1-array."""
-    z = (z + _GOLDEN) & _M
-    z = ((z ^ (z >> 30)) * _MIX1) & _M
-    z = ((z ^ (z >> 27)) * _MIX2) & _M
-    return z ^ (z >> 31)
+# the one hash (loaders/hashing.py): the mixture's keys and permutations use its bits
+_splitmix = splitmix64_np
+_splitmix_int = splitmix64
+_M = MASK64
 
 
 def _key(*parts) -> np.ndarray:

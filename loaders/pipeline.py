@@ -22,7 +22,9 @@
 
 ``backend_options`` keys are checked against the chosen backend's constructor: an unknown key is a
 one-line ConfigError naming the closest valid one (the torch backend takes ``prefetch_factor``,
-``drop_last``, ``worker_augment``, ``decoder``, ``flip``, ``shared_slots``, ``timeout``, ...); a key
+``drop_last``, ``worker_augment``, ``decoder``, ``flip``, ``shared_slots``, ``timeout``,
+``reduced_decode`` (torch with ``decoder: cv2`` and ffcv; default true: large JPEGs decoded at 1/2,
+1/4 or 1/8 scale when every view allows it, see :mod:`loaders.decode`), ...); a key
 that has its own ``data.`` key (``batch_size``, ``seed``, ...) is refused with that key's name.
 ``max_skip_fraction``: with ``on_error: skip``, once a rank has read 100 samples
 (:data:`loaders.plan_loader.MIN_READS_FOR_SKIP_CHECK`), more skipped samples than this fraction of
@@ -42,7 +44,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .base import SOURCE_MODULES, Source, build_source
 from .crop import CropSpec
-from .errors import ConfigError, DataError, check_keys
+from .errors import ConfigError, DataError, check_keys, check_on_error
 from .mixture import Mixture
 from .plan_loader import DEFAULT_MAX_SKIP_FRACTION, DEFAULT_READ_TIMEOUT_S, check_read_timeout, check_skip_fraction
 
@@ -174,8 +176,7 @@ def build_loader(data_cfg: Mapping, *, crops: Optional[Sequence[CropSpec]] = Non
 
 def _checked(cfg: Dict[str, object]) -> Dict[str, object]:
     """The ``data:`` values every backend shares, checked (one-line ConfigErrors naming the key)."""
-    if cfg["on_error"] not in ("raise", "skip"):
-        raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {cfg['on_error']!r}")
+    check_on_error(cfg["on_error"], "data")
     for key in ("batch_size", "num_workers"):
         v = cfg[key]
         low = 1 if key == "batch_size" else 0

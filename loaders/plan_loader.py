@@ -67,9 +67,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .base import InMemorySource, Source
-from .crop import CropSpec, rrc_params
-from .errors import ConfigError, DataError, SampleError
+from .base import InMemorySource, Source, prefetch_calls
+from .crop import CropSpec
+from .errors import ConfigError, DataError, SampleError, check_on_error
 
 __all__ = ["PlanLoader", "TimedReader", "hung_reads", "rng_key", "one_line", "sample_error",
            "MIN_READS_FOR_SKIP_CHECK", "SKIPPED_FILES_KEPT", "MAX_HUNG_READS",
@@ -89,7 +89,8 @@ _MAX_MESSAGE = 300
 
 
 def rng_key(seed: int, rank: int, first_item: int) -> list:
-    """Seed of a batch's random parameters: (seed, rank, rank-stream item of its first sample)."""
+    """The parts of a batch's key: (seed, rank, rank-stream item of its first sample); the key
+    itself is their hash, :func:`loaders.augment.sampler.batch_key`."""
     return [int(seed) & _M64, int(rank), int(first_item)]
 
 
@@ -131,6 +132,7 @@ class _Job:
         self.event = threading.Event()
 
     def run(self) -> None:
+        prefetch_calls(self.calls[self.lo:self.hi])  # remote shards: one batched fetch for the slice
         for k in range(self.lo, self.hi):
             with self.lock:
                 if self.abandoned:
@@ -210,6 +212,7 @@ class TimedReader:
         n = len(calls)
         inline = self.timeout is None or all(isinstance(s, InMemorySource) for s, _ in calls)  # RAM: cannot hang
         if inline and (self.threads == 1 or n < 2):
+            prefetch_calls(calls)
             return [_read_one(s, i) for s, i in calls]
         self._ensure()
         out: list = [None] * n
@@ -312,8 +315,7 @@ class PlanLoader:
             if len(src) != n:
                 raise ConfigError(f"{self.backend} loader: source '{mixture.names[s]}' has {len(src)} samples "
                                   f"but the mixture expects {n}")
-        if on_error not in ("raise", "skip"):
-            raise ConfigError(f"{self.backend} loader: on_error must be 'raise' or 'skip', got {on_error!r}")
+        check_on_error(on_error, f"{self.backend} loader")
         if crops is not None:
             crops = list(crops)
             if not crops or not all(isinstance(c, CropSpec) for c in crops):
@@ -412,20 +414,27 @@ class PlanLoader:
             b += 1
 
     # -- random parameters ---------------------------------------------------------------------
-    def _rng_key(self, plan, b: int) -> list:
-        # the torch backend's key: (seed, rank, rank-stream item of the batch's first sample)
-        return rng_key(self.seed, plan.rank, plan.samples + b * plan.batch_size)
+    def batch_key(self, plan, b: int) -> int:
+        """The sampler's key of batch ``b`` after ``plan``'s cursor (the torch backend's):
+        :func:`loaders.augment.sampler.batch_key` of (seed, rank, rank-stream item of its first sample)."""
+        from .augment.sampler import batch_key
+        return batch_key(self.seed, plan.rank, plan.samples + b * plan.batch_size)
 
     def crop_boxes(self, plan, b: int, heights, widths) -> List[np.ndarray]:
         """Random-resized-crop boxes ``int64 [n, 4]`` (top, left, h, w), one array per CropSpec,
-        for batch ``b`` after ``plan``'s cursor: a function of the batch's position in the rank's
-        stream only (not of workers, threads or restarts), identical to the torch backend's."""
-        rng = np.random.default_rng(self._rng_key(plan, b))
-        return [rrc_params(rng, heights, widths, spec.scale, spec.ratio) for spec in self.crops]
+        for batch ``b`` after ``plan``'s cursor, drawn by the one sampler with the batch key: a
+        function of the batch's position in the rank's stream only (not of workers, threads or
+        restarts), identical to the torch backend's and to the engine's for that key."""
+        from .augment.sampler import draw_boxes
+        hw = np.stack([np.asarray(heights, np.int64).reshape(-1), np.asarray(widths, np.int64).reshape(-1)], 1)
+        return draw_boxes(self.crops, hw, key=self.batch_key(plan, b))
 
-    def aux_rng(self, plan, b: int) -> np.random.Generator:
-        """Generator for the other per-sample parameters of batch ``b`` (flips, colour)."""
-        return np.random.default_rng(self._rng_key(plan, b) + [1])
+    def flips(self, plan, b: int, n: int, views: int) -> np.ndarray:
+        """``bool [n, views]`` horizontal flips (p = 0.5) of batch ``b``: the sampler's flip op with
+        the batch key (the torch backend's ``flip=True`` draws)."""
+        from .augment.sampler import draw_flips
+        seed = self.crops[0].seed if self.crops else 0
+        return draw_flips(n, views, key=self.batch_key(plan, b), seed=seed)
 
     # -- reading ---------------------------------------------------------------------------------
     def read_samples(self, src: np.ndarray, sample: np.ndarray, reader: Optional[TimedReader] = None):
@@ -498,6 +507,12 @@ class PlanLoader:
 # -----------------------------------------------------------------------------------------------
 # chunks -> batches of exactly batch_size
 # -----------------------------------------------------------------------------------------------
+
+def _stage_key(batch) -> dict:
+    """The chunk's ``stage`` and ``key`` for a batch cut from it (a joined batch: its first chunk's key,
+    the one its first rows were augmented with)."""
+    return {k: getattr(batch, k) for k in ("stage", "key") if hasattr(batch, k)}
+
 
 class _Assembler:
     """Regroups one iteration's chunks into batches of ``batch_size`` readable samples, moving
@@ -621,7 +636,8 @@ class _Assembler:
             if lo == 0 and hi == len(batch):
                 return batch
             return Batch(views=[v[lo:hi] for v in batch.views], index=batch.index[lo:hi],
-                         source=batch.source[lo:hi], label=batch.label[lo:hi], meta=dict(batch.meta))
+                         source=batch.source[lo:hi], label=batch.label[lo:hi], meta=dict(batch.meta),
+                         **_stage_key(batch))
         parts = [(b, lo, hi) for b, lo, hi, _ in take if hi > lo]
         try:
             views = [self._cat([b.views[v][lo:hi] for b, lo, hi in parts]) for v in range(len(parts[0][0].views))]
@@ -630,7 +646,8 @@ class _Assembler:
                             f"(resize) or crops ({one_line(e, 120)})") from None
         out = Batch(views=views, index=torch.cat([b.index[lo:hi] for b, lo, hi in parts]),
                     source=torch.cat([b.source[lo:hi] for b, lo, hi in parts]),
-                    label=torch.cat([b.label[lo:hi] for b, lo, hi in parts]), meta=dict(parts[-1][0].meta))
+                    label=torch.cat([b.label[lo:hi] for b, lo, hi in parts]), meta=dict(parts[-1][0].meta),
+                    **_stage_key(parts[0][0]))
         if self.L.pin_memory and out.device.type == "cpu" and torch.cuda.is_available():
             out = out.pin_memory()
         return out

@@ -9,6 +9,10 @@ early. Augmentation then runs on the main stream, on the device, from uint8. On 
 plain pass-through that still augments (no side stream, no read-ahead). Batches already on
 ``device`` (``data.backend: resident``) pass through uncopied (``Batch.to`` is then a no-op).
 
+Each batch keeps its host-side ids in ``batch.meta["host_index"]`` (logs read them without a
+device sync). :class:`loaders.stream.Stream` builds on this class (it passes the place-aware
+finishing step as ``augment``).
+
 ``state_dict()`` returns the wrapped loader's state as of the last batch *handed out* (not the
 one being prefetched), so a checkpoint resumes at exactly the next unseen sample; it is the
 loader's own format, so ``loader.load_state_dict(prefetcher.state_dict())`` works.
@@ -86,6 +90,7 @@ class DevicePrefetcher:
     def _iter_plain(self) -> Iterator[Batch]:
         for batch in self.loader:
             state = self._loader_state()
+            batch.meta.setdefault("host_index", batch.index)
             batch = batch.to(self.device)
             out = self._finish(batch)
             self._state = state
@@ -101,6 +106,7 @@ class DevicePrefetcher:
             except StopIteration:
                 return None, None
             state = self._loader_state()
+            host.meta.setdefault("host_index", host.index)
             # pinned memory makes the copy truly asynchronous; pin here only if the loader did not.
             # A batch already on the device (the resident backend) is neither pinned nor copied.
             if self.non_blocking and host.device.type == "cpu" and not host.views[0].is_pinned():

@@ -65,6 +65,12 @@ __all__ = ["ResidentLoader", "resize_images", "source_array"]
 _CHUNK_BYTES = 32 << 20
 
 
+def _batch_key(seed: int, rank: int, first_item: int) -> int:
+    """The batch's seed key (``Batch.key``) from its rank-stream position."""
+    from .augment.sampler import batch_key
+    return int(batch_key(seed, rank, first_item))
+
+
 def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 ``[n, 3, H, W]`` -> uint8 ``[n, 3, size, size]``: antialiased bilinear, rounded."""
     if x.shape[0] == 0:
@@ -333,4 +339,5 @@ class ResidentLoader(PlanLoader):
                 idx = idx.to(self.device)  # a no-op on the CPU
             yield Batch(views=[self.images.index_select(0, idx)], index=idx,
                         source=self.row_source.index_select(0, idx), label=self.labels.index_select(0, idx),
-                        skipped=len(failed), meta={"backend": "resident", "batch": b, "failed": failed})
+                        skipped=len(failed), meta={"backend": "resident", "batch": b, "failed": failed},
+                        stage="raw", key=_batch_key(self.seed, plan.rank, plan.samples + b * plan.batch_size))

@@ -33,6 +33,11 @@ first open; it is written beside the shard when the directory is writable, else 
 (:mod:`loaders.convert`) holds a ``MANIFEST.json``; the ``shards`` source then reads exactly
 the shards it lists, in its order (other ``.tar`` files there are named once and ignored) and
 refuses an unfinished conversion.
+
+Shards may also live in object storage: a ``path`` that is an ``s3://``, ``gs://``, ``https://``...
+URL (or a list of them) is read through :mod:`loaders.remote` (byte ranges through the index,
+batched per chunk, an optional local cache; keys ``storage_options``, ``cache_dir``,
+``cache_max_gb``, ``retries``, ``timeout_s``).
 """
 from __future__ import annotations
 
@@ -474,26 +479,39 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+#: ``type: shards`` keys for shards at URLs (:mod:`loaders.remote`); secret-looking keys are refused there
+_REMOTE_KEYS = ("storage_options", "cache_dir", "cache_max_gb", "retries", "timeout_s")
+_SECRET_KEYS = ("key", "secret", "token", "password")
+
+
+def _open_remote(path, options: Dict):
+    """A :class:`loaders.remote.RemoteShards` for URL ``path``, ``None`` for local paths."""
+    from . import remote  # fsspec is imported only for URLs
+    return remote.open_shards(path, options)
+
+
 @register_source("shards")
 class ShardSource(Source):
     """Random-access reader of WebDataset tar shards (see the module docstring).
 
     ``path``: directory (the shards its converter manifest lists, else all ``*.tar`` in it,
-    sorted), glob pattern, ``.tar`` file, or a list. ``read(i)`` returns the image member's
+    sorted), glob pattern, ``.tar`` file, or a list; or the same as URLs (:mod:`loaders.remote`,
+    which the other keys configure). ``read(i)`` returns the image member's
     encoded bytes and the label from ``.cls`` (``-1`` when absent). The per-sample index arrays
     are all that is pickled to workers; files are opened lazily per process, and reads are
     thread-safe.
     """
 
-    config_keys = ("path", "name")
+    config_keys = ("path", "name", *_REMOTE_KEYS, *_SECRET_KEYS)
 
-    def __init__(self, *, path, name: Optional[str] = None):
-        self.shards = resolve_shards(path)
+    def __init__(self, *, path, name: Optional[str] = None, **remote):
+        self._remote = _open_remote(path, remote)
+        self.shards = resolve_shards(path) if self._remote is None else self._remote.urls
         shown = path if isinstance(path, (str, os.PathLike)) else ", ".join(map(str, path))
         if not self.shards:
             raise DataError(f"no .tar shards found at '{shown}'")
         self.name = name or (Path(str(path)).stem if isinstance(path, (str, os.PathLike)) else "shards")
-        indexes = [load_index(s) for s in self.shards]
+        indexes = [load_index(s) for s in self.shards] if self._remote is None else self._remote.load_indexes()
         counts = np.array([len(ix["offset"]) for ix in indexes], dtype=np.int64)
         if counts.sum() == 0:
             raise DataError(f"shards at '{shown}' contain no images ({', '.join(IMAGE_EXTS)})")
@@ -508,6 +526,8 @@ class ShardSource(Source):
         self._reset_files()
 
     def _reset_files(self, *, inherited: bool = False) -> None:
+        if self.__dict__.get("_remote") is not None:
+            self._remote.reset(inherited=inherited)
         old = self.__dict__.get("_files")
         if inherited and old is not None:
             old.drop_after_fork()
@@ -539,7 +559,16 @@ class ShardSource(Source):
     def describe(self, i: int) -> str:
         return f"{self.shards[self.shard_of(i)]}:{self.key(i)}.{self.ext(i)}"
 
+    def prefetch(self, indices) -> None:
+        """Remote shards: fetch these samples' bytes for this thread's next reads (see :mod:`loaders.remote`)."""
+        if self.__dict__.get("_remote") is not None and len(indices):
+            i = np.asarray(indices, np.int64)
+            self._remote.prefetch(np.searchsorted(self.starts, i, side="right") - 1, self._offset[i] - _BLOCK,
+                                  self._size[i] + _BLOCK)
+
     def _read_at(self, s: int, off: int, n: int, i: int) -> bytes:
+        if self.__dict__.get("_remote") is not None:
+            return self._remote.read(s, off, n)
         if self._pid != os.getpid():  # forked without the at-fork hook (not expected): start afresh
             self._reset_files(inherited=True)
         files = self._files
@@ -571,6 +600,8 @@ class ShardSource(Source):
         return self._labels
 
     def close(self) -> None:
+        if self.__dict__.get("_remote") is not None:
+            self._remote.close()
         files = self.__dict__.get("_files")
         if files is not None:
             files.close_all()

@@ -3,8 +3,8 @@
 Every source here is random-access (``len``, ``read(i)``, ``labels()``, ``describe(i)``) and
 cheap to pickle: file lists are held as one bytes blob plus an offset table (not a list of
 Python strings), large arrays are memory-mapped or loaded lazily in the process that reads
-them, and no file handle survives pickling. Registered types: ``folder``, ``csv``, ``npz``,
-``cifar`` (see :func:`loaders.base.build_source`).
+them, and no file handle survives pickling. Registered types: ``folder``, ``csv``, ``parquet``,
+``npz``, ``cifar`` (see :func:`loaders.base.build_source`; CSV/Parquet lists: :mod:`loaders.lists`).
 
 The ``folder`` source lists samples in ``torchvision.datasets.ImageFolder``'s order, with its
 class indices: classes are the sorted sub-folder names, and within a class the sub-folders are
@@ -18,7 +18,6 @@ torchvision counts such a folder as a class and lists such files.
 """
 from __future__ import annotations
 
-import csv
 import os
 import pickle
 import struct
@@ -32,7 +31,8 @@ from .base import InMemorySource, Sample, Source, register_source
 from .errors import DataError, SampleError
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "PathTable", "ImageFolderSource", "CSVSource", "NPZSource", "CIFARSource",
+    "IMAGE_EXTENSIONS", "PathTable", "ImageFolderSource", "CSVSource", "ParquetSource", "NPZSource",
+    "CIFARSource",
     "npz_member_info", "memmap_npz_member",
 ]
 
@@ -148,62 +148,33 @@ class ImageFolderSource(Source):
 
 
 # --------------------------------------------------------------------------------------------
-# CSV of paths
+# CSV / Parquet lists of paths
 # --------------------------------------------------------------------------------------------
 
-@register_source("csv")
-class CSVSource(Source):
-    """A CSV file listing image paths (column ``path_column``), optionally with integer labels.
+class _ListSource(Source):
+    """A file list (:mod:`loaders.lists`): image paths in column ``path_column``, optional integer
+    labels in ``label_column``.
 
     Paths are taken relative to ``root`` when it is given (DiversitySSL's YFCC/ImageNet
     lists), else as written. Rows without a label (empty cell, or no ``label_column``) get
     ``-1``. A missing image is reported when it is read (:class:`SampleError` naming it), so a
-    100M-row list is not ``stat``-ed up front.
+    100M-row list is not ``stat``-ed up front. The list is held as compact arrays (one path
+    blob + ``int64`` offsets + ``int64`` labels), memory-mapped from a cache entry for lists of
+    1 MiB or more or when ``cache_dir`` is given (:func:`loaders.lists.read_list`), so pickling
+    the source into workers copies no per-row data.
     """
 
-    config_keys = ("path", "path_column", "root", "label_column", "name")
+    config_keys = ("path", "path_column", "root", "label_column", "name", "cache_dir")
+    list_kind = "csv"
 
     def __init__(self, *, path, path_column: str = "path", root=None, label_column: Optional[str] = None,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None, cache_dir=None):
+        from .lists import read_list
         self.path = str(path)
         self.root = None if root is None else str(root)
         self.name = name or Path(self.path).stem
-        try:
-            f = open(self.path, newline="", encoding="utf-8")
-        except OSError as e:
-            raise DataError(f"CSV file '{self.path}' cannot be opened: {e}") from e
-        with f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if not header:
-                raise DataError(f"CSV file '{self.path}' is empty (no header row)")
-            header = [h.strip() for h in header]
-            for key, col in (("path_column", path_column), ("label_column", label_column)):
-                if col is not None and col not in header:
-                    raise DataError(f"CSV file '{self.path}' has no column '{col}' ({key}); "
-                                    f"columns: {', '.join(header)}")
-            pcol = header.index(path_column)
-            lcol = None if label_column is None else header.index(label_column)
-            paths: List[str] = []
-            labels: List[int] = []
-            for row_no, row in enumerate(reader, start=2):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) <= pcol or not row[pcol].strip():
-                    raise DataError(f"CSV file '{self.path}' line {row_no}: empty '{path_column}'")
-                paths.append(row[pcol].strip())
-                if lcol is None or len(row) <= lcol or not row[lcol].strip():
-                    labels.append(-1)
-                else:
-                    try:
-                        labels.append(int(row[lcol]))
-                    except ValueError as e:
-                        raise DataError(f"CSV file '{self.path}' line {row_no}: label '{row[lcol]}' in column "
-                                        f"'{label_column}' is not an integer") from e
-        if not paths:
-            raise DataError(f"CSV file '{self.path}' lists no images (header only)")
-        self._paths = PathTable(paths)
-        self._labels = np.asarray(labels, dtype=np.int64)
+        self._paths = read_list(self.path, kind=self.list_kind, path_column=path_column,
+                                label_column=label_column, cache_dir=cache_dir)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -214,13 +185,34 @@ class CSVSource(Source):
 
     def read(self, i: int) -> Sample:
         i = self._check_index(i)
-        return _readable_bytes(self.image_path(i), index=i), int(self._labels[i])
+        return _readable_bytes(self.image_path(i), index=i), int(self._paths.labels[i])
 
     def labels(self) -> np.ndarray:
-        return self._labels
+        return self._paths.labels
 
     def describe(self, i: int) -> str:
         return self.image_path(i)
+
+
+@register_source("csv")
+class CSVSource(_ListSource):
+    """A CSV file listing image paths, a header row naming the columns (see :class:`_ListSource`).
+
+    Read as Python's ``csv`` module reads it (header names and paths stripped of whitespace,
+    rows of blank cells skipped), through ``pyarrow`` when installed.
+    """
+
+    list_kind = "csv"
+
+
+@register_source("parquet")
+class ParquetSource(_ListSource):
+    """A Parquet file listing image paths (string column ``path_column``, taken as stored) and
+    optional integer labels (null: ``-1``); see :class:`_ListSource`. Needs ``pyarrow`` (extra
+    ``lists``).
+    """
+
+    list_kind = "parquet"
 
 
 # --------------------------------------------------------------------------------------------

