@@ -41,7 +41,7 @@ import numpy as np
 
 from .bench_loader import Variant, measure_rounds
 from .common import summarize, write_record
-from .data import CACHE
+from .data import CACHE, JpegFolder
 
 __all__ = ["FEED_SETS", "FEED_TARGETS", "FeedSet", "make_feed_set", "natural_image", "build_feed_variants",
            "run_feed", "feed_targets"]
@@ -73,7 +73,7 @@ def natural_image(i: int, h: int, w: int, *, seed: int = 0, texture: float = 12.
 
 
 @dataclass
-class FeedSet:
+class FeedSet(JpegFolder):
     """One large-JPEG set on disk: ``n`` JPEGs of ``height x width``, views of ``out`` px."""
 
     name: str
@@ -84,16 +84,6 @@ class FeedSet:
     out: int
     quality: int
     seed: int
-
-    @property
-    def folder(self) -> Path:
-        return self.root / "folder"
-
-    def files(self) -> List[Path]:
-        return sorted(self.folder.glob("*/*.jpg"), key=lambda p: int(p.stem))
-
-    def jpeg_bytes(self) -> List[bytes]:
-        return [p.read_bytes() for p in self.files()]
 
     def beton(self, *, fields: int = 1) -> Path:
         """FFCV ``.beton`` of the same images (JPEG, this set's quality, no resizing): ``fields``

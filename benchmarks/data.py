@@ -66,19 +66,8 @@ def encode_jpegs(images: np.ndarray, *, quality: int = 90) -> List[bytes]:
     return out
 
 
-@dataclass
-class BenchData:
-    """One benchmark set on disk. ``size`` is the stored side, ``out_size`` the view side."""
-
-    name: str
-    root: Path
-    n: int
-    size: int
-    out_size: int
-    quality: int
-    generator: str = ""
-    formats: Dict[str, str] = field(default_factory=dict)   # format -> path ("" when missing)
-    missing: Dict[str, str] = field(default_factory=dict)   # format -> why it is missing
+class JpegFolder:
+    """The folder copy of a bench set (``root/folder/<class>/<index>.jpg``; ``root``: the set's folder)."""
 
     @property
     def folder(self) -> Path:
@@ -91,6 +80,21 @@ class BenchData:
     def jpeg_bytes(self) -> List[bytes]:
         """All encoded images in memory (for the decode-only ceiling and per-stage timing)."""
         return [p.read_bytes() for p in self.files()]
+
+
+@dataclass
+class BenchData(JpegFolder):
+    """One benchmark set on disk. ``size`` is the stored side, ``out_size`` the view side."""
+
+    name: str
+    root: Path
+    n: int
+    size: int
+    out_size: int
+    quality: int
+    generator: str = ""
+    formats: Dict[str, str] = field(default_factory=dict)   # format -> path ("" when missing)
+    missing: Dict[str, str] = field(default_factory=dict)   # format -> why it is missing
 
     def source_config(self, fmt: str) -> Dict:
         """The ``build_source`` config reading this set in format ``fmt`` (shards|npz|folder)."""

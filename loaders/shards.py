@@ -272,6 +272,17 @@ def _is_current(index: Dict[str, np.ndarray], st: os.stat_result, fp: bytes) -> 
             return False
         if index["fingerprint"].tobytes() != fp:
             return False
+        return index_well_formed(index, size)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return False
+
+
+def index_well_formed(index: Dict[str, np.ndarray], size: int) -> bool:
+    """Whether ``index`` is a current-version index of a ``size``-byte tar whose per-sample arrays
+    agree in length and whose members lie inside the tar (local and remote shards alike)."""
+    try:
+        if int(index["version"]) != _INDEX_VERSION or int(index["tar_size"]) != size:
+            return False
         n = len(index["offset"])
         if any(np.ndim(index[k]) != 1 or len(index[k]) != n for k in _PER_SAMPLE):
             return False

@@ -16,7 +16,6 @@ import errno
 import fcntl
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -61,17 +60,8 @@ class ShardCache:
                 raise
             if p.exists():
                 return p
-            fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=self.dir)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    download(f)
-                os.replace(tmp, p)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            from ..shards import atomic_write  # (shards imports this package)
+            atomic_write(p, download)   # a temporary name in the cache folder, then os.replace
         count(downloads=1)
         self.evict(keep=p)
         return p

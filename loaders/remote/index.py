@@ -67,17 +67,8 @@ def _fingerprint(size: int, parts: Sequence[bytes]) -> bytes:
 
 
 def _well_formed(index: Dict[str, np.ndarray], size: int) -> bool:
-    from ..shards import _PER_SAMPLE
-    try:
-        if int(index["version"]) != _INDEX_VERSION or int(index["tar_size"]) != size:
-            return False
-        n = len(index["offset"])
-        if any(np.ndim(index[k]) != 1 or len(index[k]) != n for k in _PER_SAMPLE):
-            return False
-        off, sz = index["offset"].astype(np.int64), index["size"].astype(np.int64)
-        return bool(n == 0 or (off.min() >= _BLOCK and (off + sz).max() <= size and sz.min() >= 0))
-    except (KeyError, ValueError, TypeError, AttributeError):
-        return False
+    from ..shards import index_well_formed
+    return index_well_formed(index, size)
 
 
 def _parse_index(data) -> Optional[Dict[str, np.ndarray]]:
