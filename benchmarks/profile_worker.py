@@ -89,6 +89,7 @@ def _one_pass(blobs, hook, batch: int, seed: int, timers: _Timers) -> Dict[str, 
     import cv2
     import torch
 
+    from loaders.cpu_augment import step_for
     from loaders.crop import rrc_params
     specs = hook.crop_specs
     rng = np.random.default_rng(seed)
@@ -111,7 +112,7 @@ def _one_pass(blobs, hook, batch: int, seed: int, timers: _Timers) -> Dict[str, 
         t2 = time.thread_time()
         res = hook(views, (seed, 0, first))
         t3 = time.thread_time()
-        hook.finish(res)
+        hook.finish(res, key=step_for((seed, 0, first)))  # the key: for ops left to the device
         t4 = time.thread_time()
         t["decode"] += t1 - t0
         t["crop_resize"] += t2 - t1

@@ -11,7 +11,9 @@ is its class (``-1`` when unknown, e.g. generated images). All three are ``int64
 - ``"raw"``: whole decoded images, uint8 (each view may be the same image).
 - ``"cropped"``: uint8, one crop per output view at that view's size.
 - ``"augmented-uint8"``: the recipe applied and rounded to uint8, not normalised
-  (``loaders.cpu_augment.WorkerAugment.finish`` normalises it).
+  (``loaders.cpu_augment.WorkerAugment.finish`` normalises it); in a view with pending ops
+  (``WorkerAugment.pending_ops(view)``, static per recipe: ops the workers' OpenCV executor
+  lacks) only the ops before those, which ``finish`` applies with the batch ``key``.
 - ``"augmented"``: float32, augmented and normalised: final. The device engine refuses it.
 
 ``key`` is the batch's seed key (``loaders.augment.sampler.batch_key(seed, rank, first_item)``,

@@ -15,8 +15,17 @@ deterministic from the key, and does not depend on the number of workers.
 
 The OpenCV executor declares the ops it implements (:data:`CV2_OPS`: flip, jitter, grayscale,
 blur, normalize; the crop is the decoder's). A view that needs another op (solarize,
-RandAugment) runs the torch executors (the engine's ``Augment.view``) in the worker instead,
-with the same parameters, and the hook says so once per process (a warning naming the ops).
+RandAugment: they come after every OpenCV op in :data:`loaders.augment.ops.ORDER`) is split
+with ``output="uint8"`` (what the stream uses): the worker runs the ops it supports and returns
+the view as ``uint8`` 0..255, NOT normalised; the lacking ops (:meth:`WorkerAugment.pending_ops`,
+static per recipe: :func:`tail_ops`) run on the device, in :meth:`WorkerAugment.finish` /
+:meth:`WorkerAugment.tail` (``uint8 -> float [0, 1]``, the ops' torch executors with the
+parameters :func:`loaders.augment.sampler.draw_view` draws for the same key and view, i.e.
+exactly the engine's, then normalise; a per-sample RandAugment ``strength`` is applied there
+too). With ``output="float"`` (or lacking ops that are not a suffix of the recipe) the whole
+view runs the torch executors in the worker instead, with the same parameters. Either way the
+hook says so once per process (a warning naming the views and ops), or once in all when the
+consumer calls :meth:`WorkerAugment.warn_once` before the workers start (the stream does).
 
 Two implementations of the same ops (``impl``):
 
@@ -32,7 +41,7 @@ Two implementations of the same ops (``impl``):
 
 ``"auto"`` (default) picks cv2 for views of at least :data:`CV2_MIN_SIZE` px when OpenCV is
 installed, torch otherwise; views with ops the cv2 path does not implement (solarize,
-RandAugment, a resize) always use the engine.
+RandAugment, a resize) use the engine, unless those ops are left to the device (above).
 
 ``precision`` of the cv2 path: ``"float"`` (default; the engine's result up to float32 rounding)
 or ``"uint8"``: the image stays uint8 between the executor's steps. With numba installed the
@@ -60,6 +69,7 @@ Use::
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import List, Optional, Sequence, Tuple
@@ -68,6 +78,7 @@ import numpy as np
 import torch
 
 from .augment import Augment, ViewSpec
+from .augment import functional as AF
 from .augment import ops as O
 from .augment import sampler as S
 from .augment.cv2_ops import (  # noqa: F401  (the kernels, re-exported under their old names)
@@ -96,7 +107,8 @@ from .augment.sampler import ViewParams
 from .cv2_fork import set_cv2_threads
 from .errors import ConfigError
 
-__all__ = ["WorkerAugment", "CV2_MIN_SIZE", "CV2_OPS", "missing_ops", "step_for", "cv2_view", "normalize_uint8"]
+__all__ = ["WorkerAugment", "CV2_MIN_SIZE", "CV2_OPS", "missing_ops", "tail_ops", "strength_on_device", "step_for",
+           "cv2_view", "normalize_uint8"]
 
 #: ops the OpenCV executor implements (crop-in-decode does the crop before it)
 CV2_OPS = ("flip", "jitter", "grayscale", "blur", "normalize")
@@ -135,6 +147,28 @@ def missing_ops(spec: ViewSpec) -> List[str]:
 
 def _supported_by_cv2(spec: ViewSpec) -> bool:
     return not missing_ops(spec)
+
+
+#: how to switch off each op the OpenCV executor lacks in a view spec (the worker's part of a split view)
+_OFF = {"solarize": {"solarize": 0.0}, "randaugment": {"randaugment": None}}
+
+
+def tail_ops(spec: ViewSpec) -> Tuple[str, ...]:
+    """The ops of view ``spec`` the OpenCV executor lacks, when they are the last active ops before
+    normalize (so the worker can do the rest and the device these): ``()`` when it lacks none or
+    when they are not such a suffix (then the whole view runs the torch executors in the worker)."""
+    missing = missing_ops(spec)
+    active = [op.NAME for op in O.ORDER[1:-1] if op.active(spec)]
+    if not missing or active[len(active) - len(missing):] != missing or any(m not in _OFF for m in missing):
+        return ()
+    return tuple(missing)
+
+
+def strength_on_device(augment: Augment) -> bool:
+    """Whether with :class:`WorkerAugment` ``(augment, output="uint8")`` every strength-dependent op
+    (RandAugment) of ``augment``'s views runs on the device, so a per-sample strength can still be
+    applied there."""
+    return all("randaugment" in tail_ops(s) for s in augment.specs if O.randaugment.active(s))
 
 
 def cv2_view(img: torch.Tensor, spec: ViewSpec, params: ViewParams, *, mean: Sequence[float],
@@ -278,7 +312,8 @@ class WorkerAugment:
 
     ``hook(views, seed_key)``: ``views`` -- one ``uint8 [B,3,S,S]`` crop per output view
     (crop-in-decode with ``augment.crop_specs``); returns ``float32 [B,3,S,S]`` normalised views
-    (``output="uint8"``: ``uint8 [B,3,S,S]``, which ``finish`` normalises).
+    (``output="uint8"``: ``uint8 [B,3,S,S]``, which ``finish`` normalises; a view with
+    :meth:`pending_ops` is returned before those ops, which ``finish`` / :meth:`tail` apply).
     """
 
     def __init__(self, augment: Augment, *, impl: str = "auto", threads: int = 1, share_memory: bool = True,
@@ -296,7 +331,12 @@ class WorkerAugment:
         if not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"WorkerAugment threads must be an integer >= 1, got {threads!r}")
         self.augment = augment
-        self._warned = False    # the fallback warning is given once per process
+        self._warned = False    # the fallback warning is given once (per process, or by the consumer: warn_once)
+        # per view: the ops left to the device (static per recipe) and the spec the worker runs
+        split = output == "uint8" and impl != "torch"
+        self._pending = tuple(tail_ops(s) if split else () for s in augment.specs)
+        self._head = [dataclasses.replace(s, **{k: v for m in p for k, v in _OFF[m].items()}) if p else s
+                      for s, p in zip(augment.specs, self._pending)]
         self.impl = impl
         self.threads = threads
         self.share_memory = bool(share_memory)
@@ -320,23 +360,58 @@ class WorkerAugment:
         """Bytes per value of the views the hook returns (1 for ``output="uint8"``, else 4)."""
         return 1 if self.output == "uint8" else 4
 
-    def finish(self, batch):
-        """The consumer's side: a :class:`~loaders.batch.Batch` (or list of views) from the hook
-        -> normalised ``float32`` views (``output="uint8"``: one fused normalise per view;
-        ``"float"``: returned as is).
+    def pending_ops(self, view: Optional[int] = None):
+        """The ops of output view ``view`` that the worker leaves to the consumer (:meth:`finish` /
+        :meth:`tail`, on the device), e.g. ``("solarize",)``; ``()`` for a view the worker finishes.
+        ``view=None``: the tuple of all views'. Static per recipe (it needs no batch)."""
+        return self._pending if view is None else self._pending[view]
 
-        The float views come from a :class:`~loaders.shm.BufferPool` of this process: memory of
-        earlier batches is reused once nothing references them any more (a batch that is kept
-        stays valid), so a steady loop writes into pages that are already mapped."""
+    def tail(self, view: int, img: torch.Tensor, *, key: int, strength: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The device side of a split view: the worker's ``uint8 [B,3,S,S]`` of output view ``view``
+        (on any device) -> ``float32 [B,3,S,S]`` in ``[0, 1]``, NOT normalised, after the view's
+        :meth:`pending_ops` with the parameters drawn for batch key ``key`` (the engine's draw);
+        ``strength``: ``float32 [B]`` per-sample RandAugment strength or None."""
+        spec, ops = self.augment.specs[view], self._pending[view]
+        x = O.crop.apply(img, ViewParams(), spec)        # already cropped: uint8 -> float [0, 1]
+        if not ops:
+            return x
+        params = S.draw_view(spec, img.shape[0], key=int(key), view=view, seed=self.augment.seed,
+                             ops=ops).to(img.device)
+        for name in ops:
+            x = O.BY_NAME[name].apply(x, params, spec, strength=strength)
+        return x
+
+    def finish(self, batch, *, strength: Optional[torch.Tensor] = None, key: Optional[int] = None):
+        """The consumer's side: a :class:`~loaders.batch.Batch` (or list of views) from the hook
+        -> normalised ``float32`` views (``output="uint8"``: one fused normalise per view, after
+        :meth:`tail` for views with :meth:`pending_ops`; ``"float"``: returned as is).
+
+        ``key``: the batch key (default ``batch.key``; needed only when a view has pending ops);
+        ``strength``: per-sample RandAugment strength ``float32 [B]`` for the pending ops.
+        The float views of views without pending ops come from a :class:`~loaders.shm.BufferPool`
+        of this process: memory of earlier batches is reused once nothing references them any
+        more (a batch that is kept stays valid), so a steady loop writes into pages that are
+        already mapped."""
         views = batch.views if hasattr(batch, "views") else list(batch)
         if all(v.dtype == torch.float32 for v in views):
             return batch
         if self._pool is None:
             from .shm import BufferPool
             self._pool = BufferPool()
-        out = [normalize_uint8(v, self.augment.mean, self.augment.std,
-                               out=self._pool.empty(v.shape) if v.device.type == "cpu" else None)
-               if v.dtype == torch.uint8 else v for v in views]
+        key = getattr(batch, "key", None) if key is None else key
+        if key is None and any(self._pending):
+            raise ValueError(f"WorkerAugment.finish: views with pending ops {self._pending} need the batch key "
+                             f"(batch.key or key=)")
+        mean, std = self.augment.mean, self.augment.std
+        out = []
+        for i, v in enumerate(views):
+            if v.dtype != torch.uint8:
+                out.append(v)
+            elif self._pending[i]:   # the ops left to the device, then normalise
+                out.append(AF.normalize(self.tail(i, v, key=key, strength=strength), mean, std))
+            else:
+                out.append(normalize_uint8(v, mean, std, out=self._pool.empty(v.shape) if v.device.type == "cpu"
+                                           else None))
         if not hasattr(batch, "with_views"):
             return out
         return batch.with_views(out, stage="augmented") if hasattr(batch, "stage") else batch.with_views(out)
@@ -354,15 +429,25 @@ class WorkerAugment:
             return "cv2"
         return "cv2" if spec.size >= CV2_MIN_SIZE and _cv2_available() else "torch"
 
-    def _warn_fallback(self) -> None:
-        """Say once per process which views' ops the OpenCV executor lacks (they run the torch executors)."""
+    def warn_once(self, *, quiet: bool = False) -> None:
+        """Say once which views' ops the OpenCV executor lacks: where split, those ops run on the
+        device; else the whole view runs the torch executors in the worker. Called by the hook in
+        each process that has not said it yet; a consumer that calls it before the workers start
+        (the stream does) says it once for all of them (``quiet=True``: only mark it said)."""
         if self._warned or self.impl == "torch":
+            return
+        if quiet:
+            self._warned = True
             return
         self._warned = True
         lacking = {v: missing_ops(s) for v, s in enumerate(self.augment.specs) if missing_ops(s)}
-        if lacking:
-            what = "; ".join(f"view {v}: {', '.join(m)}" for v, m in lacking.items())
-            warnings.warn(f"WorkerAugment: the OpenCV executor lacks {what}: those views run the torch "
+        device = "; ".join(f"view {v}: {', '.join(m)}" for v, m in lacking.items() if self._pending[v])
+        worker = "; ".join(f"view {v}: {', '.join(m)}" for v, m in lacking.items() if not self._pending[v])
+        if device:
+            warnings.warn(f"WorkerAugment: the OpenCV executor lacks {device}: those ops run on the device "
+                          f"(after the workers' uint8 output, same parameters)", stacklevel=3)
+        if worker:
+            warnings.warn(f"WorkerAugment: the OpenCV executor lacks {worker}: those views run the torch "
                           f"executors in the worker (same parameters)", stacklevel=3)
 
     def __getstate__(self):
@@ -389,12 +474,12 @@ class WorkerAugment:
             raise ValueError(f"WorkerAugment with {aug.num_views} views got {len(views)} crops: build the loader "
                              f"with crops=worker_augment.crop_specs")
         self._setup_process()
-        self._warn_fallback()
+        self.warn_once()
         key = step_for(seed_key)
         params = S.draw(aug, views[0].shape[0], key=key)
         in_worker = self.share_memory and torch.utils.data.get_worker_info() is not None
         out = []
-        for v, (img, spec) in enumerate(zip(views, aug.specs)):
+        for v, (img, spec) in enumerate(zip(views, self._head)):   # a split view: its worker part
             if img.dtype != torch.uint8 or img.dim() != 4:
                 raise ValueError(f"WorkerAugment view {v}: expected uint8 [B,3,H,W] crops, got {img.dtype} "
                                  f"{tuple(img.shape)}")
@@ -411,7 +496,7 @@ class WorkerAugment:
                 out.append(cv2_view(img, spec, params[v], mean=aug.mean, std=aug.std, out=dst, normalize=not as_u8,
                                     precision=self.precision))
             else:
-                x = aug.view(img, spec, params[v])      # the torch executors, same params
+                x = aug.view(img, spec, params[v])      # the torch executors, same params (no pending ops)
                 if as_u8:  # undo the normalisation, round once
                     m = torch.tensor(aug.mean).reshape(1, 3, 1, 1)
                     sd = torch.tensor(aug.std).reshape(1, 3, 1, 1)

@@ -19,15 +19,23 @@ and the loader cursor for checkpoints.
 * ``"workers"``: the torch backend's workers crop *and* augment
   (:class:`~loaders.cpu_augment.WorkerAugment`, OpenCV, ``output="uint8"``); uint8
   ``"augmented-uint8"`` views travel to the device, where one fused op normalises them
-  (:meth:`WorkerAugment.finish`). Needs ``data.backend: torch`` and ``data.crop_in_decode: true``.
+  (:meth:`WorkerAugment.finish`). Ops the OpenCV executor lacks (solarize, RandAugment:
+  :meth:`WorkerAugment.pending_ops`, static per recipe) run there instead, for those views only:
+  uint8 -> float [0, 1], the ops' torch executors with the sampler's parameters for the same
+  batch key and view (the engine's), then normalise (:meth:`WorkerAugment.tail`); the stream
+  says so once when it is built (a warning naming the views and ops), not once per worker.
+  Needs ``data.backend: torch`` and ``data.crop_in_decode: true``.
   The decoder stays the configured one (``backend_options.decoder: cv2`` is the measured fast
   path; its resampling differs from PIL's, so it is not switched on behind the user's back);
 * ``"dali"``: the DALI graph runs the whole recipe (``data.backend: dali``); its float views are
   final (``"augmented"``);
 * ``"auto"``: ``"workers"`` with the torch backend on a CPU-only device, ``"device"`` otherwise.
 
-A recipe with per-sample augmentation strength (``strength_fn``, e.g. BCL) needs the engine:
-with ``where`` = workers/dali the stream runs on the device instead and says so once (stderr).
+A recipe with per-sample augmentation strength (``strength_fn``, e.g. BCL) needs the engine for
+its strength-dependent op (RandAugment): with ``where=workers`` that op runs on the device anyway
+(above), so the strength is applied there; with ``where=dali`` (or a recipe whose RandAugment
+could not be left to the device) the stream augments on the device instead and says so once
+(stderr).
 
 **Stages and keys.** Every batch the stream yields has ``stage == "augmented"`` (float32,
 normalised). The device engine runs only on ``"raw"``/``"cropped"`` batches; handing it an
@@ -65,16 +73,20 @@ WHERE = ("auto", "device", "workers", "dali")
 WORKER_PRECISIONS = ("float", "uint8")
 
 
-def resolve_where(where: str, *, backend: str, device, per_sample_strength: bool = False) -> Tuple[str, str]:
+def resolve_where(where: str, *, backend: str, device, per_sample_strength: bool = False,
+                  strength_on_device: bool = False) -> Tuple[str, str]:
     """``(where, note)``: the place augmentation runs and, when the request was changed, why.
 
-    Refuses (ConfigError naming ``augment.where``) a value not in :data:`WHERE` and a place the
-    backend cannot do."""
+    ``strength_on_device``: with ``where=workers`` every strength-dependent op is left to the
+    device (:func:`loaders.cpu_augment.strength_on_device`), so a per-sample strength does not
+    force the device engine there. Refuses (ConfigError naming ``augment.where``) a value not in
+    :data:`WHERE` and a place the backend cannot do."""
     if where not in WHERE:
         raise ConfigError(f"augment.where must be one of {', '.join(WHERE)}, got {where!r}")
     dev = torch.device(device)
+    workers_ok = not per_sample_strength or strength_on_device
     if where == "auto":
-        where = "workers" if backend == "torch" and dev.type == "cpu" and not per_sample_strength else "device"
+        where = "workers" if backend == "torch" and dev.type == "cpu" and workers_ok else "device"
         return where, ""
     if where == "workers" and backend != "torch":
         raise ConfigError(f"augment.where=workers runs the recipe in the torch backend's workers; "
@@ -82,7 +94,7 @@ def resolve_where(where: str, *, backend: str, device, per_sample_strength: bool
     if where == "dali" and backend != "dali":
         raise ConfigError(f"augment.where=dali runs the recipe in the DALI graph; data.backend is {backend!r} "
                           f"(set data.backend: dali or use augment.where=device)")
-    if where != "device" and per_sample_strength:
+    if where != "device" and per_sample_strength and not (where == "workers" and strength_on_device):
         return "device", (f"augment.where={where}: a recipe sets per-sample augmentation strength, which only "
                           f"the device engine applies; augmenting on the device instead")
     return where, ""
@@ -125,15 +137,25 @@ def device_augment(aug, batch: Batch, *, key: int, strength: Optional[torch.Tens
     return out.with_views(out.views, stage="augmented")
 
 
+def _strength_on_device(augment) -> bool:
+    """Whether the workers' augmentation of ``augment`` leaves every strength-dependent op to the device."""
+    from .augment import Augment
+    if not isinstance(augment, Augment):
+        return False
+    from .cpu_augment import strength_on_device
+    return strength_on_device(augment)
+
+
 class Stream:
     """Batches of the ``data:`` config, augmented where ``where`` says, on ``device``.
 
     ``data_cfg``: the ``data:`` mapping (:func:`loaders.pipeline.build_loader`); ``augment``: the
     :class:`~loaders.augment.Augment` recipe; ``where``: see the module docstring;
-    ``strength_fn(batch) -> float [B] or None``: per-sample RandAugment strength (forces the
-    device engine); ``worker_precision``: ``"uint8"`` (default, the measured fast path: rounded
-    per op like torchvision's PIL pipeline) or ``"float"`` (the engine's result up to one final
-    rounding) for ``where="workers"``; ``note``: where the one-time fallback note goes
+    ``strength_fn(batch) -> float [B] or None``: per-sample RandAugment strength (applied on the
+    device: the engine, or the workers' RandAugment left to the device); ``worker_precision``:
+    ``"uint8"`` (default, the measured fast path: rounded per op like torchvision's PIL pipeline)
+    or ``"float"`` (the engine's result up to one final rounding) for ``where="workers"``;
+    ``note``: where the one-time fallback note goes
     (default: stderr on rank 0). Attributes: ``loader`` (the backend), ``where`` (resolved),
     ``where_requested``, ``hook`` (the workers' augmentation or None).
     """
@@ -157,15 +179,18 @@ class Stream:
         backend = data_cfg.get("backend", DATA_DEFAULTS["backend"])
         self.where_requested = where
         self.where, why = resolve_where(where, backend=backend, device=self.device,
-                                        per_sample_strength=strength_fn is not None)
+                                        per_sample_strength=strength_fn is not None,
+                                        strength_on_device=_strength_on_device(augment))
         if why and self.rank == 0:
             (note or (lambda m: print(f"fastssl: {m}", file=sys.stderr)))(why)
         self.note = why
         self.hook = None
         self.loader = self._build(data_cfg, worker_precision)
         self.crops_in_decode = getattr(self.loader, "crops", None) is not None
+        # the strength is asked for once per batch where the engine runs or the workers leave RandAugment
+        # to the device (resolve_where moved every other place to the device)
         self._pf = DevicePrefetcher(self.loader, self.device, augment=self._finish,
-                                    strength_fn=strength_fn if self.where == "device" else None,
+                                    strength_fn=strength_fn if self.where in ("device", "workers") else None,
                                     non_blocking=non_blocking)
 
     def with_where(self, where: str) -> "Stream":
@@ -187,6 +212,7 @@ class Stream:
         if self.where == "workers":
             from .cpu_augment import WorkerAugment
             self.hook = WorkerAugment(self.augment, output="uint8", precision=precision)
+            self.hook.warn_once(quiet=self.rank != 0)   # here, once: the workers inherit the flag, stay quiet
             options["worker_augment"] = self.hook
         elif self.where == "dali":
             options["augment"] = self.augment
@@ -243,24 +269,32 @@ class Stream:
         if stage == "augmented-uint8":
             if self.hook is None:
                 raise ValueError("a batch augmented to uint8 elsewhere reached a stream that did not ask for it")
-            if batch.device.type == "cpu":  # the hook's fused CPU normalise into recycled buffers
-                out = self.hook.finish(batch)
+            if batch.device.type == "cpu":  # the hook's fused CPU normalise into recycled buffers (+ pending ops)
+                out = self.hook.finish(batch, strength=strength)
                 return out.with_views(out.views, stage="augmented")
-            return batch.with_views([self._normalize(v) for v in batch.views], stage="augmented")
+            pending = self.hook.pending_ops()
+            if any(pending) and batch.key is None:
+                raise ValueError("a batch with views left to the device (pending ops) has no key")
+            views = [self._normalize(self.hook.tail(v, img, key=batch.key, strength=strength) if pending[v] else img)
+                     for v, img in enumerate(batch.views)]
+            return batch.with_views(views, stage="augmented")
         if self.where != "device":
             raise ValueError(f"augment.where={self.where} but the backend handed over a {stage!r} batch")
         key = batch.key if batch.key is not None else step * self.world_size + self.rank
         return device_augment(self.augment, batch.with_views(batch.views, stage=stage), key=key, strength=strength)
 
     def _normalize(self, img: torch.Tensor) -> torch.Tensor:
-        """``uint8 [B,3,H,W]`` on an accelerator -> ``(img / 255 - mean) / std`` float32, with the
-        constants kept on the device (no host -> device copy per batch, so no implicit sync)."""
+        """``uint8 [B,3,H,W]`` on an accelerator -> ``(img / 255 - mean) / std`` float32 (float
+        input in ``[0, 1]``: ``(img - mean) / std``), with the constants kept on the device (no
+        host -> device copy per batch, so no implicit sync)."""
         consts = getattr(self, "_consts", None)
         if consts is None or consts[0].device != img.device:
             kw = dict(dtype=torch.float32, device=img.device)
             scale = torch.tensor([1.0 / (255.0 * s) for s in self.augment.std], **kw).reshape(1, 3, 1, 1)
             offset = torch.tensor([-m / s for m, s in zip(self.augment.mean, self.augment.std)], **kw)
             consts = self._consts = (scale, offset.reshape(1, 3, 1, 1))
+        if img.is_floating_point():
+            return torch.addcmul(consts[1], img, consts[0] * 255.0)
         return torch.addcmul(consts[1], img.to(torch.float32), consts[0])
 
     def __repr__(self) -> str:

@@ -3,8 +3,12 @@
 * each OpenCV op equals torchvision's functional op on the same parameters (float images);
 * whole views equal ``Augment(batch, key=step_for(key), crop=False)`` (same parameters, float32
   rounding apart), for both implementations; ``output="uint8"`` is within one final rounding;
-* results depend only on (seed, batch key): not on the number of DataLoader workers.
+* results depend only on (seed, batch key): not on the number of DataLoader workers;
+* ops the OpenCV executor lacks (solarize, RandAugment) are left to ``finish`` (the device) with
+  ``output="uint8"``: the worker's view is uint8 before them, the finished view the engine's.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +238,36 @@ def test_uint8_precision_views_close_to_the_engine(preset, size):
         assert (a - b).abs().max() <= 2e-4
     with pytest.raises(ConfigError, match="precision"):
         WorkerAugment(aug, precision="half")
+
+
+def test_lacking_ops_are_left_to_the_device_with_uint8_output():
+    """output="uint8": a view with solarize comes back from the worker uint8 (0..255, not
+    normalised, before solarize: the engine's result of the view without it, rounded once);
+    finish() solarizes with the engine's draw for the batch key, then normalises."""
+    solar = ViewSpec(size=32, flip=0.5, jitter_p=0.8, brightness=0.4, solarize=0.5)
+    plain = ViewSpec(size=32, flip=0.5, grayscale=0.5)
+    aug = Augment([plain, solar], mean=(0.5,) * 3, std=(0.25,) * 3, seed=4)
+    hook = WorkerAugment(aug, impl="cv2", output="uint8", precision="float")
+    assert CA.tail_ops(solar) == ("solarize",) and CA.tail_ops(plain) == ()
+    assert hook.pending_ops() == ((), ("solarize",)) and hook.pending_ops(1) == ("solarize",)
+    assert WorkerAugment(aug, impl="cv2").pending_ops() == ((), ())      # float output: whole view in the worker
+    views = [noise(8, 32), noise(8, 32, seed=2)]
+    key = step_for((4, 0, 0))
+    with pytest.warns(UserWarning, match=r"lacks view 1: solarize: those ops run on the device"):
+        out = hook(views, (4, 0, 0))
+    assert all(o.dtype == torch.uint8 for o in out)
+    params = S.draw(aug, 8, key=key)
+    head = aug.view(views[1], ViewSpec(size=32, flip=0.5, jitter_p=0.8, brightness=0.4), params[1])
+    head255 = (head * 0.25 + 0.5) * 255
+    assert (out[1].float() - head255).abs().max() <= 0.5 + 1e-3     # not normalised, not solarized
+    ref = aug(as_batch(views), key=key, crop=False)
+    done = hook.finish(dataclasses.replace(as_batch(out), key=key))
+    for a, b in zip(done.views, ref.views):
+        d = (a - b).abs() * 0.25 * 255
+        assert d.mean() < 0.3 and d.max() < 1.6   # one rounding (a pixel at 128 may flip to its mirror)
+    assert not torch.equal(done.views[1], hook.finish(dataclasses.replace(as_batch(out), key=key + 1)).views[1])
+    with pytest.raises(ValueError, match="batch key"):
+        hook.finish(as_batch(out))
+    # strength-dependent ops: RandAugment is always left to the device
+    bcl = Augment.from_preset("bcl")
+    assert CA.strength_on_device(bcl) and WorkerAugment(bcl, output="uint8").pending_ops()[0] == ("randaugment",)

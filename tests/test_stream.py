@@ -1,5 +1,8 @@
 """The data stream (loaders/stream.py): where augmentation runs, batch stages, the one cursor,
 and ``augment.where`` through ``fastssl pretrain``."""
+import pickle
+import warnings
+
 import pytest
 import torch
 
@@ -30,6 +33,12 @@ def test_where_resolution():
     assert resolve_where("auto", backend="torch", device="cpu", per_sample_strength=True) == ("device", "")
     assert resolve_where("workers", backend="torch", device="cuda") == ("workers", "")
     where, note = resolve_where("workers", backend="torch", device="cpu", per_sample_strength=True)
+    assert where == "device" and "per-sample augmentation strength" in note
+    # the workers leave every strength-dependent op (RandAugment) to the device: no fallback
+    on_dev = dict(per_sample_strength=True, strength_on_device=True)
+    assert resolve_where("workers", backend="torch", device="cpu", **on_dev) == ("workers", "")
+    assert resolve_where("auto", backend="torch", device="cpu", **on_dev) == ("workers", "")
+    where, note = resolve_where("dali", backend="dali", device="cpu", **on_dev)
     assert where == "device" and "per-sample augmentation strength" in note
     with pytest.raises(ConfigError, match="augment.where=workers .* data.backend is 'resident'"):
         resolve_where("workers", backend="resident", device="cpu")
@@ -69,6 +78,8 @@ def test_stages_and_no_second_pass(aug):
     # the accelerator-side normalise of uint8 worker output is the hook's own
     img = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     torch.testing.assert_close(wk._normalize(img), wk.hook.finish([img])[0], rtol=1e-6, atol=1e-6)
+    # ... and of a float [0, 1] view (after ops left to the device)
+    torch.testing.assert_close(wk._normalize(img.float() / 255), wk.hook.finish([img])[0], rtol=1e-5, atol=1e-5)
 
 
 def test_workers_and_device_give_the_same_views_for_the_same_key(aug):
@@ -102,10 +113,63 @@ def test_state_dict_resumes_exactly(aug):
             torch.testing.assert_close(va, vb, rtol=0, atol=0)
 
 
-def test_per_sample_strength_falls_back_to_the_device_once(aug):
+def test_per_sample_strength_stays_in_the_workers_when_randaugment_is_left_to_the_device(aug):
     notes = []
     s = Stream(data_cfg(), aug, where="workers", strength_fn=lambda b: None, note=notes.append)
-    assert s.where == "device" and s.hook is None and len(notes) == 1
+    assert s.where == "workers" and s.hook is not None and notes == []   # no strength-dependent op
+
+
+def _levels(a, b, aug):
+    return (a - b).abs() * (max(aug.std) * 255.0)
+
+
+def _workers_and_device(aug, strength_fn=None):
+    dev = list(Stream(data_cfg(), aug, where="device", strength_fn=strength_fn))
+    notes = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = Stream(data_cfg(), aug, where="workers", worker_precision="float", strength_fn=strength_fn,
+                   note=notes.append)
+        said = [str(w.message) for w in caught if "WorkerAugment" in str(w.message)]
+        wk = list(s)
+    # said once, when built; not again per batch, nor by the workers (they get the hook with the flag set)
+    assert len([w for w in caught if "WorkerAugment" in str(w.message)]) == len(said)
+    assert pickle.loads(pickle.dumps(s.hook))._warned
+    assert s.where == "workers" and notes == [] and len(dev) == len(wk) == 6
+    for a, b in zip(dev, wk):
+        assert a.key == b.key and torch.equal(a.index, b.index) and b.stage == "augmented"
+    return s, dev, wk, said
+
+
+def test_solarize_runs_on_the_device_for_that_view_only():
+    """asymmetric: view 1 solarizes (the OpenCV executor lacks it): the workers do the rest, the
+    stream solarizes on the device with the engine's draw; equal to where=device on the same keys
+    (float worker precision: one rounding before the threshold, so a pixel next to 128 may flip
+    to its mirror image, 1 level away)."""
+    aug = Augment.from_preset("asymmetric", size=16)
+    s, dev, wk, said = _workers_and_device(aug)
+    assert s.hook.pending_ops() == ((), ("solarize",))
+    assert len(said) == 1 and "view 1: solarize" in said[0] and "run on the device" in said[0]
+    for a, b in zip(dev, wk):
+        for va, vb in zip(a.views, b.views):
+            diff = _levels(va, vb, aug)
+            assert diff.mean() < 0.3 and diff.max() < 1.6
+
+
+def test_randaugment_with_per_sample_strength_runs_on_the_device():
+    """bcl: RandAugment (k=1) driven by a per-sample strength: where=workers stays in the workers,
+    RandAugment and its strength run on the device; equal to where=device. RandAugment's own
+    thresholds (posterize, solarize, equalize) turn the workers' one rounding into a jump on a few
+    pixels, so the bound is on the mean and the share of pixels off by > 1 level (without the
+    strength the mean is 10-30 levels and ~20-50% of the pixels are off)."""
+    aug = Augment.from_preset("bcl", size=16)
+    s, dev, wk, said = _workers_and_device(aug, strength_fn=lambda b: (b.index % 5).float() / 4)
+    assert s.hook.pending_ops() == (("randaugment",), ("randaugment",))
+    assert len(said) == 1 and "randaugment" in said[0] and "run on the device" in said[0]
+    for a, b in zip(dev, wk):
+        for va, vb in zip(a.views, b.views):
+            diff = _levels(va, vb, aug)
+            assert diff.mean() < 0.35 and (diff > 1).float().mean() < 0.05
 
 
 def _tiny(tmp_path, *overrides):
