@@ -61,6 +61,8 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
+from .augment import functional as AF
+from .augment.cv2_ops import normalize_uint8
 from .batch import AUGMENTED_STAGES, Batch
 from .errors import ConfigError
 from .prefetch import DevicePrefetcher
@@ -284,18 +286,12 @@ class Stream:
         return device_augment(self.augment, batch.with_views(batch.views, stage=stage), key=key, strength=strength)
 
     def _normalize(self, img: torch.Tensor) -> torch.Tensor:
-        """``uint8 [B,3,H,W]`` on an accelerator -> ``(img / 255 - mean) / std`` float32 (float
-        input in ``[0, 1]``: ``(img - mean) / std``), with the constants kept on the device (no
-        host -> device copy per batch, so no implicit sync)."""
-        consts = getattr(self, "_consts", None)
-        if consts is None or consts[0].device != img.device:
-            kw = dict(dtype=torch.float32, device=img.device)
-            scale = torch.tensor([1.0 / (255.0 * s) for s in self.augment.std], **kw).reshape(1, 3, 1, 1)
-            offset = torch.tensor([-m / s for m, s in zip(self.augment.mean, self.augment.std)], **kw)
-            consts = self._consts = (scale, offset.reshape(1, 3, 1, 1))
+        """``uint8 [B,3,H,W]`` -> ``(img / 255 - mean) / std`` float32 (float input in ``[0, 1]``:
+        ``(img - mean) / std``), on the image's device with cached constants (no per-batch copy)."""
+        mean, std = self.augment.mean, self.augment.std
         if img.is_floating_point():
-            return torch.addcmul(consts[1], img, consts[0] * 255.0)
-        return torch.addcmul(consts[1], img.to(torch.float32), consts[0])
+            return AF.normalize(img, mean, std)
+        return normalize_uint8(img, mean, std)
 
     def __repr__(self) -> str:
         return (f"Stream(backend={type(self.loader).__name__}, where={self.where!r}, device={self.device}, "

@@ -300,8 +300,7 @@ def normalize_uint8(img: torch.Tensor, mean: Sequence[float], std: Sequence[floa
             cv2.addWeighted(src[:, c], 1.0 / (255.0 * std[c]), src[:, c], 0.0, -mean[c] / std[c], dst=dst[:, c],
                             dtype=cv2.CV_32F)
         return out
-    kw = dict(dtype=torch.float32, device=img.device)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], **kw).reshape(1, 3, 1, 1)
-    offset = torch.tensor([-m / s for m, s in zip(mean, std)], **kw).reshape(1, 3, 1, 1)
+    from .functional import normalize_constants
+    offset, scale = normalize_constants(mean, std, img.device, from_uint8=True)
     out.copy_(img)
     return torch.addcmul(offset, out, scale, out=out)

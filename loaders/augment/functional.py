@@ -266,11 +266,33 @@ def solarize(img: torch.Tensor, threshold, mask: Optional[torch.Tensor] = None) 
     return torch.where(hit, 1.0 - img, img)
 
 
+_NORM_CONSTS: dict = {}
+
+
+def normalize_constants(mean: Sequence[float], std: Sequence[float], device, *, from_uint8: bool = False):
+    """``(offset, scale)`` ``float32 [1,C,1,1]`` on ``device`` with ``x * scale + offset`` the
+    normalisation: ``(x - mean) / std`` for ``[0, 1]`` input, ``(x / 255 - mean) / std`` for
+    ``from_uint8``. Made once per (mean, std, device) and kept: no host -> device copy (and so
+    no implicit sync on CUDA) per batch."""
+    key = (tuple(float(m) for m in mean), tuple(float(s) for s in std), str(torch.device(device)), from_uint8)
+    c = _NORM_CONSTS.get(key)
+    if c is None:
+        kw = dict(dtype=torch.float32, device=device)
+        if from_uint8:
+            scale = torch.tensor([1.0 / (255.0 * s) for s in std], **kw).reshape(1, -1, 1, 1)
+            offset = torch.tensor([-m / s for m, s in zip(mean, std)], **kw).reshape(1, -1, 1, 1)
+        else:
+            m = torch.as_tensor(mean, **kw).reshape(1, -1, 1, 1)
+            scale = 1.0 / torch.as_tensor(std, **kw).reshape(1, -1, 1, 1)
+            offset = -m * scale
+        c = _NORM_CONSTS[key] = (offset, scale)
+    return c
+
+
 def normalize(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``(img - mean) / std`` per channel, fused into one multiply-add."""
-    m = torch.as_tensor(mean, dtype=torch.float32, device=img.device).reshape(1, -1, 1, 1)
-    inv = 1.0 / torch.as_tensor(std, dtype=torch.float32, device=img.device).reshape(1, -1, 1, 1)
-    return torch.addcmul(-m * inv, img, inv)
+    offset, scale = normalize_constants(mean, std, img.device)
+    return torch.addcmul(offset, img, scale)
 
 
 # ---------------------------------------------------------------- RandAugment's pixel ops
