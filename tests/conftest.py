@@ -1,7 +1,8 @@
 """Suite-wide checks.
 
 `make test` sets FASTSSL_REQUIRE_EXTRAS=1: the optional backends and libraries it installs
-(DALI, FFCV, OpenCV, simplejpeg, webdataset, timm, kornia, wandb) must import, so a broken install fails loudly
+(DALI, FFCV, OpenCV, simplejpeg, numba, webdataset, timm, kornia, wandb, submitit, pyarrow,
+s3fs, moto) must import, so a broken install fails loudly
 instead of turning their tests into skips. Outside `make test` those tests skip cleanly when an
 extra is missing; GPU-only tests skip without CUDA either way.
 """
@@ -13,7 +14,7 @@ import torch
 
 EXTRAS = {"nvidia.dali": "dali", "ffcv": "ffcv", "cv2": "ffcv", "webdataset": "wds", "timm": "vit",
           "kornia": "bench", "simplejpeg": "fast", "wandb": "wandb",
-          "submitit": "sweep"}
+          "submitit": "sweep", "pyarrow": "lists", "s3fs": "remote", "moto.server": "dev", "numba": "fast"}
 
 
 def pytest_sessionstart(session):
