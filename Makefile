@@ -4,12 +4,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
-SYSPKGS := pkg-config libturbojpeg0-dev libopencv-dev
+SYSPKGS := pkg-config libturbojpeg0-dev libopencv-dev libjpeg-dev
 PYTEST_ARGS ?=
 
 .PHONY: setup demo lint test bench clean-venv gpu-wheels gpu-suite gpu-dry-run
 
-$(STAMP): setup.py Makefile
+$(STAMP): setup.py Makefile loaders/_jpeg_region.c
 	@set -e; \
 	if ! dpkg -s $(SYSPKGS) >/dev/null 2>&1; then \
 	  echo "[setup] installing system packages for FFCV: $(SYSPKGS)"; \

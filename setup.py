@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 # torch/torchvision are pinned to the releases whose wheels this project's machines carry;
 # `make setup` installs them first so pip never downloads another build.
@@ -39,6 +39,12 @@ extras = {
 # `all` is what `make setup` installs; gcsfs (Google's auth stack) stays opt-in: the tests use S3
 extras["all"] = sorted({p for k, v in extras.items() if k != "gcs" for p in v})
 
+# region JPEG decode (loaders/_jpeg_region.c, against the system libjpeg-turbo: Debian's libjpeg-dev,
+# which `make setup` installs): decodes only the rows/columns a sample's views need. Optional: where it
+# cannot build, reduced-scale decode falls back to whole-image decode (loaders.decode.region_available)
+ext_modules = [Extension("loaders._jpeg_region", ["loaders/_jpeg_region.c"], libraries=["jpeg"],
+                         extra_compile_args=["-O2"], optional=True)]
+
 setup(
     name="fastssl",
     version="0.1.0",
@@ -54,4 +60,5 @@ setup(
     install_requires=install_requires,
     extras_require=extras,
     entry_points={"console_scripts": ["fastssl=fastssl.cli:main"]},
+    ext_modules=ext_modules,
 )

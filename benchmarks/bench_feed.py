@@ -20,8 +20,10 @@ on the same worker count, measured side by side in interleaved rounds
 
 * ``ceiling-decode``: simplejpeg full-resolution decode of the in-memory JPEGs, nothing else
   (:func:`benchmarks.baselines.decode_only`);
-* ``torch-reduced`` / ``torch-full``: the torch backend, ``decoder="cv2"``, ``flip=True``,
-  ``reduced_decode`` on / off, reading the folder;
+* ``torch-reduced``: the torch backend, ``decoder="cv2"``, ``flip=True``, reading the folder, with
+  reduced-scale and region decode (the defaults: each JPEG decoded at the smallest scale its views
+  allow, only the rows and columns they cover); ``torch-scaled``: reduced scale, whole images
+  (``region_decode: false``); ``torch-full``: full decode (``reduced_decode: false``);
 * ``ffcv-reduced`` / ``ffcv-full``: our FFCV backend on the one-field ``.beton``;
 * ``baseline-ffcv``: FFCV's Loader, ``RandomResizedCropRGBImageDecoder`` + flip per view.
 
@@ -174,8 +176,8 @@ def build_feed_variants(fs: FeedSet, *, views: int, batch_size: int, workers: in
     blobs = fs.jpeg_bytes()
     out: List[Variant] = [Variant(f"{tag}/ceiling-decode", "ceiling", lambda: B.decode_only(
         blobs, workers=workers, per_worker=max(64, batch_size), decoder="simplejpeg"))]
-    for name, reduced in (("reduced", True), ("full", False)):
-        cfg = _data_cfg(folder, "torch", {"decoder": "cv2", "flip": True, "reduced_decode": reduced},
+    for name, opts in (("reduced", {}), ("scaled", {"region_decode": False}), ("full", {"reduced_decode": False})):
+        cfg = _data_cfg(folder, "torch", {"decoder": "cv2", "flip": True, **opts},
                         batch_size=batch_size, workers=workers, seed=seed)
         out.append(Variant(f"{tag}/torch-{name}/folder", "ours", lambda cfg=cfg: _loader_feed(cfg, crops)))
     skipped: Dict[str, str] = {}

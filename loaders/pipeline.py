@@ -24,7 +24,8 @@
 one-line ConfigError naming the closest valid one (the torch backend takes ``prefetch_factor``,
 ``drop_last``, ``worker_augment``, ``decoder``, ``flip``, ``shared_slots``, ``timeout``,
 ``reduced_decode`` (torch with ``decoder: cv2`` and ffcv; default true: large JPEGs decoded at 1/2,
-1/4 or 1/8 scale when every view allows it, see :mod:`loaders.decode`), ...); a key
+1/4 or 1/8 scale when every view allows it, see :mod:`loaders.decode`), ``region_decode`` (torch;
+default true: only the rows and columns the views cover are decoded), ...); a key
 that has its own ``data.`` key (``batch_size``, ``seed``, ...) is refused with that key's name.
 ``max_skip_fraction``: with ``on_error: skip``, once a rank has read 100 samples
 (:data:`loaders.plan_loader.MIN_READS_FOR_SKIP_CHECK`), more skipped samples than this fraction of

@@ -27,7 +27,9 @@ bilinear/bicubic (tests bound the per-pixel mean difference).
 JPEG bytes are decoded by simplejpeg when installed (pixel-identical to OpenCV and PIL, faster);
 with crops, a JPEG much larger than its views is decoded at 1/2, 1/4 or 1/8 scale
 (``reduced_decode``, default on; same boxes and flips, pixels within the bound :mod:`loaders.decode`
-states; ``reduced_decode=False`` turns it off).
+states; ``reduced_decode=False`` turns it off), and only the region its views cover is decoded
+(``region_decode``, default on: rows below the views are never decoded; pixels identical to the
+whole image decoded at that scale).
 The default ``decoder="pil"`` is torchvision-exact.
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ from .base import Source, decode_image
 from .batch import Batch
 from .crop import CropSpec
 from .cv2_fork import serial_cv2_while_forking, set_cv2_threads
-from .decode import LateDecodeError, decode_for_views, halve_to, lazy_jpeg
+from .decode import LateDecodeError, ViewPlan, halve_to, lazy_jpeg
 from .errors import ConfigError, DataError, SampleError, check_on_error
 from .mixture import Mixture, Plan
 from .plan_loader import (
@@ -198,7 +200,7 @@ class BatchMaker:
                  worker_augment: Optional[Callable[[List[torch.Tensor], Tuple[int, int, int]],
                                                    List[torch.Tensor]]] = None,
                  decoder: str = "pil", flip: bool = False, read_timeout_s: Optional[float] = None,
-                 reduced_decode: bool = True):
+                 reduced_decode: bool = True, region_decode: bool = True):
         if decoder not in _DECODERS:
             raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
         self.sources = list(sources)
@@ -211,6 +213,7 @@ class BatchMaker:
         self.decoder = decoder
         self.flip = bool(flip)
         self.reduced_decode = bool(reduced_decode)  # decoder="cv2" with crops only
+        self.region_decode = bool(region_decode)    # with reduced_decode: only the views' region
         self._cv2_ready = False
         self.ring = None    # a SlabRing (set by TorchLoader before its workers fork)
         self._scratch = _Scratch()  # crop buffers reused across batches when a hook consumes them
@@ -332,8 +335,10 @@ class BatchMaker:
         permuted views of it (channels-last memory).
 
         ``images`` may hold :class:`loaders.decode.Encoded` JPEGs (reduced decode): every view's
-        boxes are drawn on the full sizes first, then each is decoded at the smallest scale its
-        views allow and its boxes mapped onto it (:func:`loaders.decode.decode_for_views`)."""
+        boxes are drawn on the full sizes first, then each sample is decoded at the smallest scale
+        its views allow, only the region its views cover (``region_decode``), and its views cut from
+        that (:class:`loaders.decode.ViewPlan`). Samples are done one at a time, so a region lives
+        in one reused buffer while its views are resized."""
         import cv2
         n = len(images)
         hw = np.asarray([im.shape[:2] for im in images], dtype=np.int64).reshape(n, 2)
@@ -343,19 +348,22 @@ class BatchMaker:
         halve = [((np.maximum(b[:, 2], b[:, 3]) >= AREA_MIN_FACTOR * c.size)
                   & (np.minimum(b[:, 2], b[:, 3]) >= HALVE_MIN_PX) & self.reduced_decode
                   & (c.interpolation != "nearest")).tolist() for b, c in zip(all_boxes, self.crops)]
-        images, all_boxes, _ = decode_for_views(images, all_boxes, [(c.size, c.size) for c in self.crops])
-        views = []
-        for v, spec in enumerate(self.crops):
-            boxes = all_boxes[v]
-            S = spec.size
+        plan = ViewPlan(images, all_boxes, [(c.size, c.size) for c in self.crops], region=self.region_decode)
+        outs, rules = [], []
+        for spec in self.crops:
             up = cv2.INTER_CUBIC if spec.interpolation == "bicubic" else (
                 cv2.INTER_NEAREST if spec.interpolation == "nearest" else cv2.INTER_LINEAR)
             down = cv2.INTER_NEAREST if spec.interpolation == "nearest" else cv2.INTER_AREA
-            fl = flips[:, v].tolist() if flips is not None else [False] * n
-            out = alloc((n, S, S, 3), torch.uint8).numpy() if alloc is not None else np.empty((n, S, S, 3), np.uint8)
-            for i, (top, left, h, w) in enumerate(boxes.tolist()):
-                crop = images[i][top:top + h, left:left + w]  # a view: cv2 reads the ROI in place
-                o = out[i]
+            S = spec.size
+            outs.append(alloc((n, S, S, 3), torch.uint8).numpy() if alloc is not None
+                        else np.empty((n, S, S, 3), np.uint8))
+            rules.append((S, up, down))
+        fl = flips.tolist() if flips is not None else [[False] * len(self.crops)] * n
+        for i in range(n):
+            img, boxes = plan.sample(i)
+            for v, ((top, left, h, w), (S, up, down)) in enumerate(zip(boxes, rules)):
+                crop = img[top:top + h, left:left + w]  # a view: cv2 reads the ROI in place
+                o = outs[v][i]
                 if h != S or w != S:  # resample straight into the batch (dst= of the exact shape)
                     if halve[v][i]:
                         halve_to(crop, o, up, AREA_MIN_FACTOR)
@@ -363,12 +371,11 @@ class BatchMaker:
                         cv2.resize(crop, (S, S), dst=o, interpolation=down if max(h, w) >= AREA_MIN_FACTOR * S else up)
                 else:
                     o[...] = crop
-                if fl[i]:
+                if fl[i][v]:
                     cv2.flip(o, 1, dst=o)
-            # channels-last memory, no transpose copy (~5 us/sample at 32 px): a permuted view, as
-            # the FFCV backend yields; the device engine reads either layout
-            views.append(torch.from_numpy(out).permute(0, 3, 1, 2))
-        return views
+        # channels-last memory, no transpose copy (~5 us/sample at 32 px): a permuted view, as
+        # the FFCV backend yields; the device engine reads either layout
+        return [torch.from_numpy(o).permute(0, 3, 1, 2) for o in outs]
 
     def _crop_views(self, images: List, key: int,
                     flips: Optional[np.ndarray] = None, alloc=None) -> List[torch.Tensor]:
@@ -558,6 +565,11 @@ class TorchLoader(PlanLoader):
             at or above its output size); the crop boxes and flips do not change, the pixels differ
             from full decode + resize within the bound :mod:`loaders.decode` states. ``False``: full
             decode (pixel-identical to before). Ignored by ``decoder="pil"`` (torchvision-exact).
+        region_decode: with ``reduced_decode`` (default True): decode only the rows and columns
+            the sample's views cover, at that scale (:func:`loaders.decode.decode_region`; rows
+            below the views are never decoded); the views' pixels equal those of the whole image
+            decoded at the same scale. Needs the ``loaders._jpeg_region`` extension that
+            ``pip install`` builds against the system libjpeg; without it, whole images.
 
     Validation, the cursor, ``len``, ``skipped`` and ``state_dict``/``load_state_dict`` come from
     :class:`~loaders.plan_loader.PlanLoader`: ``len(loader)`` is the number of batches left, and
@@ -574,7 +586,8 @@ class TorchLoader(PlanLoader):
                  worker_augment: Optional[Callable] = None, decoder: str = "pil", flip: bool = False,
                  shared_slots: Optional[int] = None, timeout: float = 0,
                  read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
-                 max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION, reduced_decode: bool = True):
+                 max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION, reduced_decode: bool = True,
+                 region_decode: bool = True):
         if decoder not in _DECODERS:
             raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
@@ -597,6 +610,7 @@ class TorchLoader(PlanLoader):
         self.decoder = decoder
         self.flip = bool(flip)
         self.reduced_decode = bool(reduced_decode)
+        self.region_decode = bool(region_decode)
         if shared_slots is None:
             # in flight per worker: prefetch_factor batches, the one being received and the one
             # the consumer still holds while asking for the next
@@ -623,7 +637,8 @@ class TorchLoader(PlanLoader):
         data error arrives as a :class:`WorkerError` and is re-raised here."""
         maker = BatchMaker(self.sources, plan, crops=self.crops, resize=self.resize, seed=self.seed,
                            on_error=self.on_error, worker_augment=self.worker_augment, decoder=self.decoder,
-                           flip=self.flip, read_timeout_s=self.read_timeout_s, reduced_decode=self.reduced_decode)
+                           flip=self.flip, read_timeout_s=self.read_timeout_s, reduced_decode=self.reduced_decode,
+                           region_decode=self.region_decode)
         ring = maker.ring = self.ring = self._make_ring()
         stream = _BatchStream(maker, plan.num_batches)
         if self.num_workers == 0:

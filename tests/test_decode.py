@@ -13,6 +13,7 @@ from loaders.base import ArraySource, Source
 from loaders.crop import CropSpec
 from loaders.decode import (
     Encoded,
+    ViewPlan,
     choose_denominators,
     decode_scaled,
     jpeg_size,
@@ -126,18 +127,28 @@ def test_scaled_decode_is_libjpeg_scaling_identical_to_opencv_reduced():
 CROPS = [CropSpec(48, scale=(0.08, 1.0)), CropSpec(48, scale=(0.2, 1.0), interpolation="bicubic")]
 
 
+class _Seen(list):
+    """The torch backend's ViewPlans of a test, read after the batches: ``seen[k]`` is
+    ``(full-resolution boxes per view, Encoded flags, scales used)`` of the k-th chunk."""
+
+    def __getitem__(self, k):
+        p = list.__getitem__(self, k)
+        return [b.copy() for b in p.full_boxes], p.lazy.tolist(), p.d.copy()
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+
 def _record_boxes(monkeypatch):
-    """Spy on the torch backend's decode_for_views: the full-resolution boxes and the scales."""
-    seen = []
+    """Spy on the torch backend's ViewPlan: the full-resolution boxes and the scales."""
+    seen = _Seen()
 
-    def spy(images, boxes, outs):
-        seen.append(([b.copy() for b in boxes], [isinstance(im, Encoded) for im in images]))
-        out = real(images, boxes, outs)
-        seen[-1] += (out[2].copy(),)
-        return out
+    class Spy(ViewPlan):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self)
 
-    real = tb.decode_for_views
-    monkeypatch.setattr(tb, "decode_for_views", spy)
+    monkeypatch.setattr(tb, "ViewPlan", Spy)
     return seen
 
 
