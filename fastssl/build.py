@@ -17,6 +17,7 @@ reject the user's input runs here, before a run directory is written.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -170,11 +171,23 @@ def apply_speed_options(method, cfg: RunConfig, device) -> bool:
     conv = not cfg.model.backbone.startswith("vit")
     channels_last = t.channels_last if t.channels_last is not None else torch.device(device).type == "cuda"
     channels_last = bool(channels_last and conv)
+    if channels_last and torch.device(device).type == "cpu" and _narrow_strided_1x1(method):
+        print("fastssl: train.channels_last kept off: on CPU, torch's channels-last weight gradient of a "
+              "strided 1x1 convolution with fewer than 8 input channels is wrong (measured on torch 2.14.1, "
+              "AVX2); widen the backbone (model.width >= 8) or train on CUDA", file=sys.stderr)
+        channels_last = False
     if channels_last:
         method.to(memory_format=torch.channels_last)
     if t.compile:
         method.backbone.compile(backend=t.compile_backend)
     return channels_last
+
+
+def _narrow_strided_1x1(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has a strided 1x1 ``Conv2d`` with fewer than 8 input channels: the case
+    whose channels-last CPU weight gradient torch gets wrong (``tests/test_trainer.py`` checks it)."""
+    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+               and m.in_channels < 8 for m in module.modules())
 
 
 def check_labels(sources: Sequence, num_classes: int, *, where: str = "data") -> None:

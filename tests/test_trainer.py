@@ -1,6 +1,8 @@
 """Short CPU training runs: the run directory's files, the probe's label -1 handling in the
 loop, BCL's momentum-loss table, and the stop on a non-finite loss."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -253,14 +255,41 @@ def test_wandb_offline_run_follows_a_resume(tmp_path):
 
 def test_channels_last_and_compiled_backbone_train_and_export_plain_keys(tmp_path):
     res = train(tiny(tmp_path, "train.steps=2", "eval.enabled=false", "train.channels_last=true",
-                     "train.compile=true", "train.compile_backend=aot_eager"))
+                     "train.compile=true", "train.compile_backend=aot_eager", "model.width=8"))
     conv = res.method.backbone.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
     sd = torch.load(tmp_path / "run" / "backbone.pt", weights_only=True)
     assert not any("_orig_mod" in k for k in sd)           # compile in place: the same keys
     from fastssl.models import build_backbone
-    fresh, _ = build_backbone("resnet18", cifar_stem=True, width=4)
+    fresh, _ = build_backbone("resnet18", cifar_stem=True, width=8)
     fresh.load_state_dict(sd, strict=True)
+
+
+def test_channels_last_stays_off_on_cpu_for_a_backbone_torch_gets_wrong(tmp_path, capsys):
+    """Width 4: layer2's strided 1x1 shortcut has 4 input channels, whose channels-last CPU weight
+    gradient torch computes wrongly (and corrupts the heap with); the run stays contiguous."""
+    res = train(tiny(tmp_path, "train.steps=2", "eval.enabled=false", "train.channels_last=true"))
+    assert "train.channels_last kept off" in capsys.readouterr().err
+    assert res.method.backbone.conv1.weight.is_contiguous()
+
+
+def test_the_torch_fault_the_channels_last_guard_avoids_is_narrow():
+    """The guard's rule against torch itself, in a child process (the faulty kernel can corrupt
+    the heap): with >= 8 input channels the channels-last weight gradient equals the contiguous
+    one, so wider backbones keep channels-last on CPU."""
+    code = (
+        "import torch\n"
+        "cl = torch.channels_last\n"
+        "for cin in (8, 16, 64):\n"
+        "    g = torch.randn(16, 16, 8, 8); x = torch.randn(16, cin, 16, 16); w = torch.randn(16, cin, 1, 1)\n"
+        "    args = ([0], [2, 2], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False])\n"
+        "    a = torch.ops.aten.convolution_backward(g.contiguous(memory_format=cl), x.contiguous(memory_format=cl),"
+        " w.contiguous(memory_format=cl), *args)[1]\n"
+        "    b = torch.ops.aten.convolution_backward(g, x, w, *args)[1]\n"
+        "    assert torch.allclose(a, b, rtol=1e-4, atol=1e-3), cin\n"
+        "print('same')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "same" in r.stdout, r.stderr[-500:]
 
 
 def test_resident_backend_trains_on_the_same_samples_as_torch(tmp_path):
