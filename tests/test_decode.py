@@ -16,9 +16,11 @@ from loaders.decode import (
     ViewPlan,
     choose_denominators,
     decode_scaled,
+    halve_to,
     jpeg_size,
     lazy_jpeg,
     map_boxes,
+    prefilter_sigma,
     reduced_size,
 )
 from loaders.errors import SampleError
@@ -257,10 +259,41 @@ def test_bench_feed_sets_and_targets(tmp_path):
     assert [jpeg_size(p.read_bytes()) for p in fs.files()] == [(375, 500)] * 3
     assert make_feed_set("inet", n=3, root=tmp_path).files() == fs.files()  # reused
     tag = "inet-500x375"
-    res = {f"{tag}/ceiling-decode": {"median": 100.0}, f"{tag}/torch-reduced/folder": {"median": 95.0},
-           f"{tag}/torch-full/folder": {"median": 50.0}}
+    # paired per round: the ceiling drifts (100 -> 200) and the ratio still reads 0.9 in each round
+    res = {f"{tag}/ceiling-decode": {"values": [100.0, 200.0, 150.0]},
+           f"{tag}/torch-reduced/folder": {"values": [90.0, 180.0, 135.0]},
+           f"{tag}/torch-full/folder": {"values": [50.0, 100.0]}}
     t = feed_targets(res, fs)
     main = t[f"{tag}/ratio/torch-reduced/folder vs ceiling-decode"]
-    assert main["kind"] == "target" and main["ratio"] == pytest.approx(0.95) and main["met"] is True
+    assert main["kind"] == "target" and main["ratio"] == pytest.approx(0.9) and main["met"] is True
+    assert main["round_ratios"] == pytest.approx([0.9] * 3) and main["ratio_of_medians"] == pytest.approx(0.9)
+    assert t[f"{tag}/ratio/torch-full/folder vs ceiling-decode"]["rounds"] == 2
     assert FEED_TARGETS == {"inet": 0.9, "yfcc": 1.0}
     assert t[f"{tag}/ratio/torch-full/folder vs ceiling-decode"]["kind"] == "ratio"
+
+
+def test_halving_resize_is_near_torchvision_antialiased_resize():
+    """halve_to against torchvision's antialiased resize of the same crop, on photo-like images.
+    A remaining factor of 1.5x-2x (the fitted 3-tap Gaussian + bilinear): within 0.8 levels on
+    average. Over 1.5x-3.4x (2x2 halvings first, whose box filter is sharper than the 4-tap
+    triangle torchvision uses at 2x): within 1.6, and under half of plain bilinear's error."""
+    import cv2
+    from torchvision.transforms.v2 import functional as TF
+    images = natural_images(4, 600, 800, seed=7)
+    rng = np.random.default_rng(0)
+    band, ours, plain = [], [], []
+    for t in range(28):
+        f, ar = (rng.uniform(1.5, 1.95), 1.0) if t < 6 else (rng.uniform(1.5, 3.4), rng.uniform(0.75, 4 / 3))
+        h, w = min(600, int(160 * f)), min(800, int(160 * f * ar))
+        crop = images[t % 4][:h, :w]
+        ref = TF.resize(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1), [160, 160],
+                        antialias=True).permute(1, 2, 0).numpy().astype(np.float32)
+        out = np.empty((160, 160, 3), np.uint8)
+        halve_to(crop, out, cv2.INTER_LINEAR, 1.5)
+        (band if t < 6 else ours).append(np.abs(out - ref).mean())
+        plain.append(np.abs(cv2.resize(crop, (160, 160), interpolation=cv2.INTER_LINEAR) - ref).mean())
+    assert np.mean(band) < 0.8
+    assert np.mean(ours) < 1.6 and max(ours) < 3.0
+    assert np.mean(band + ours) < 0.5 * np.mean(plain)
+    # the fitted width: no blur at 1x, the fixed [1, 2, 1] / 4 kernel's ~0.7 near 1.75x
+    assert prefilter_sigma(1.0) == 0.0 and abs(prefilter_sigma(1.75) - 0.685) < 1e-9
