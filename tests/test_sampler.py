@@ -5,9 +5,11 @@
 * worker crops are the engine's crops for that key (pixels equal torchvision's resized_crop on the
   engine's boxes), the OpenCV executor's views equal the engine's for that key (float32 rounding);
 * an op's draw does not depend on the other ops (turn blur off: crops, flips, jitter unchanged);
-* the crop sampler with per-sample sizes is torchvision's distribution (KS) and its fallback;
+* the crop sampler with per-sample sizes is torchvision's distribution (KS), its fallback, and box for
+  box its get_params logic run per sample on the same draws;
 * one hash (scalar == vectorised, the old formulas' values), one on_error check, stage checks.
 """
+import math
 import warnings
 
 import numpy as np
@@ -137,6 +139,37 @@ def test_crop_sampler_with_per_sample_sizes_is_torchvisions():
             assert stats.ks_2samp(f(mine), f(tv)).pvalue > 1e-3
         assert (mine[:, 0] + mine[:, 2] <= h).all() and (mine[:, 1] + mine[:, 3] <= w).all()
         assert (mine[:, :2] >= 0).all()
+
+
+def test_crop_boxes_equal_torchvisions_get_params_run_per_sample_on_the_same_draws():
+    """rrc_boxes resolves attempt by attempt, vectorised over the samples still without a box:
+    every box must equal torchvision's get_params logic run sample by sample in plain Python on
+    the same three draws (area fractions, log aspects, placements)."""
+    rng = np.random.default_rng(3)
+    for scale, ratio in (((0.08, 1.0), (3 / 4, 4 / 3)), ((0.9, 1.0), (0.5, 2.0)), ((0.99, 1.0), (0.9, 1.1))):
+        n = 400
+        H, W = rng.integers(1, 600, n), rng.integers(1, 600, n)
+        H[:100] = W[:100] = 32
+        got = O.crop.rrc_boxes(torch.from_numpy(H), torch.from_numpy(W), scale=scale, ratio=ratio,
+                               g=torch.Generator().manual_seed(11)).tolist()
+        g = torch.Generator().manual_seed(11)
+        ra, rr, u = (torch.rand(n, k, generator=g, dtype=torch.float64).tolist() for k in (10, 10, 2))
+        lr = (math.log(ratio[0]), math.log(ratio[1]))
+        for i in range(n):
+            h0, w0 = int(H[i]), int(W[i])
+            for a in range(10):
+                target = h0 * w0 * (ra[i][a] * (scale[1] - scale[0]) + scale[0])
+                ar = math.exp(rr[i][a] * (lr[1] - lr[0]) + lr[0])
+                w, h = round(math.sqrt(target * ar)), round(math.sqrt(target / ar))
+                if 0 < w <= w0 and 0 < h <= h0:
+                    want = [math.floor(u[i][0] * (h0 - h + 1)), math.floor(u[i][1] * (w0 - w + 1)), h, w]
+                    break
+            else:  # torchvision's central fallback
+                r = w0 / h0
+                h = round(w0 / min(ratio)) if r < min(ratio) else h0
+                w = round(h0 * max(ratio)) if r > max(ratio) else w0
+                want = [(h0 - h) // 2, (w0 - w) // 2, h, w]
+            assert got[i] == want, (scale, ratio, h0, w0)
 
 
 def test_crop_fallback_is_torchvisions_central_crop_per_sample():
