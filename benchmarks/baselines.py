@@ -113,6 +113,14 @@ def fastest_decoder() -> str:
     return "torchvision"
 
 
+#: the decoders :func:`decode_only` runs
+DECODERS = ("simplejpeg", "cv2", "torchvision", "pil")
+
+
+def _unknown_decoder(decoder) -> ValueError:
+    return ValueError(f"unknown decoder {decoder!r} ({' | '.join(DECODERS)})")
+
+
 def _decode_chunk(args) -> int:
     blobs, decoder = args
     if decoder == "simplejpeg":
@@ -136,8 +144,17 @@ def _decode_chunk(args) -> int:
             with Image.open(io.BytesIO(b)) as im:
                 im.load()  # the decode; RGB JPEGs need no convert
     else:
-        raise ValueError(f"unknown decoder {decoder!r} (simplejpeg | cv2 | torchvision | pil)")
+        raise _unknown_decoder(decoder)
     return len(blobs)
+
+
+#: decode_only's chunks, inherited by its forked workers (never pickled per task)
+_SHARED_CHUNKS: dict = {}
+
+
+def _decode_shared(args) -> int:
+    key, decoder = args
+    return _decode_chunk((_SHARED_CHUNKS[key], decoder))
 
 
 def decode_only(blobs: Sequence[bytes], *, workers: int, per_worker: int = 256,
@@ -145,18 +162,34 @@ def decode_only(blobs: Sequence[bytes], *, workers: int, per_worker: int = 256,
     """The decode-only ceiling: JPEG decode of in-memory ``blobs`` on ``workers`` processes.
 
     ``decoder``: ``auto`` (:func:`fastest_decoder`), ``simplejpeg``, ``cv2``, ``torchvision`` or ``pil``. Endless;
-    each step decodes ``per_worker`` images in every process and yields ``(None, images
-    decoded)``. No read from disk, no crop, no collate, no copy back: a loader that decodes every
+    each step yields ``(None, per_worker)`` when one worker has decoded a chunk of ``per_worker``
+    images. No read from disk, no crop, no collate, no copy back: a loader that decodes every
     JPEG with that decoder on these cores cannot deliver more images per second.
+
+    The workers never wait for each other (two chunks per worker in flight, no barrier per step)
+    and the JPEG bytes reach them through ``fork``, not a pickle per chunk: a per-step barrier plus
+    pickled chunks measured this ceiling ~1.2x too low on the 500x375 / 1024x768 feed sets.
     """
+    import collections
     import multiprocessing as mp
     decoder = fastest_decoder() if decoder == "auto" else decoder
+    if decoder not in DECODERS:
+        raise _unknown_decoder(decoder)
     workers = max(1, workers)
     blobs = list(blobs)
     chunk = (blobs * math.ceil(per_worker / len(blobs)))[:per_worker]
-    with mp.get_context("fork").Pool(workers) as pool:
-        while True:
-            yield None, sum(pool.map(_decode_chunk, [(chunk, decoder)] * workers))
+    key = id(chunk)
+    _SHARED_CHUNKS[key] = chunk  # before the fork: the workers inherit it
+    try:
+        with mp.get_context("fork").Pool(workers) as pool:
+            pending = collections.deque(pool.apply_async(_decode_shared, ((key, decoder),))
+                                        for _ in range(2 * workers))
+            while True:
+                n = pending.popleft().get()
+                pending.append(pool.apply_async(_decode_shared, ((key, decoder),)))
+                yield None, n
+    finally:
+        _SHARED_CHUNKS.pop(key, None)
 
 
 # ----------------------------------------------------------------------------- DALI (CPU)

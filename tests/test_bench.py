@@ -71,6 +71,10 @@ def test_torchvision_baseline_and_decode_ceiling(data):
         dec = B.decode_only(data.jpeg_bytes(), workers=1, per_worker=40, decoder=decoder)
         assert next(dec) == (None, 40)
         dec.close()
+        assert not B._SHARED_CHUNKS  # the chunk the forked workers shared is released
+    two = B.decode_only(data.jpeg_bytes(), workers=2, per_worker=8, decoder="pil")
+    assert [next(two) for _ in range(5)] == [(None, 8)] * 5  # one chunk per step, workers not in lockstep
+    two.close()
     with pytest.raises(ValueError, match="unknown decoder"):
         next(B.decode_only(data.jpeg_bytes(), workers=1, per_worker=4, decoder="nope"))
 
