@@ -113,14 +113,6 @@ def fastest_decoder() -> str:
     return "torchvision"
 
 
-#: the decoders :func:`decode_only` runs
-DECODERS = ("simplejpeg", "cv2", "torchvision", "pil")
-
-
-def _unknown_decoder(decoder) -> ValueError:
-    return ValueError(f"unknown decoder {decoder!r} ({' | '.join(DECODERS)})")
-
-
 def _decode_chunk(args) -> int:
     blobs, decoder = args
     if decoder == "simplejpeg":
@@ -144,7 +136,7 @@ def _decode_chunk(args) -> int:
             with Image.open(io.BytesIO(b)) as im:
                 im.load()  # the decode; RGB JPEGs need no convert
     else:
-        raise _unknown_decoder(decoder)
+        raise ValueError(f"unknown decoder {decoder!r} (simplejpeg | cv2 | torchvision | pil)")
     return len(blobs)
 
 
@@ -173,8 +165,6 @@ def decode_only(blobs: Sequence[bytes], *, workers: int, per_worker: int = 256,
     import collections
     import multiprocessing as mp
     decoder = fastest_decoder() if decoder == "auto" else decoder
-    if decoder not in DECODERS:
-        raise _unknown_decoder(decoder)
     workers = max(1, workers)
     blobs = list(blobs)
     chunk = (blobs * math.ceil(per_worker / len(blobs)))[:per_worker]

@@ -216,7 +216,7 @@ def feed_targets(results: Dict[str, Dict], fs: FeedSet) -> Dict[str, Dict]:
     need = FEED_TARGETS[fs.name]
     for k, v in results.items():
         vals = v.get("values") or []
-        if not k.startswith(tag + "/") or k == ceil_key or not vals or "/ratio/" in k:
+        if not k.startswith(tag + "/") or k == ceil_key or not vals:
             continue
         rounds = [a / b for a, b in zip(vals, ceil) if b]
         r = statistics.median(rounds)

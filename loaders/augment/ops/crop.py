@@ -36,9 +36,10 @@ def rrc_boxes(heights: torch.Tensor, widths: torch.Tensor, *, scale: Sequence[fl
 
     The three uniform draws come from ``g`` (torch, float64: ``[n, attempts]`` area fractions,
     ``[n, attempts]`` log aspects, ``[n, 2]`` placements); the arithmetic on them runs in NumPy
-    on the CPU, attempt by attempt for the samples still without a box (most fit at the first),
-    ~6x less time than whole ``[n, attempts]`` torch ops: loaders draw boxes per batch while
-    holding the GIL. A generator on another device draws there and the box comes back on it."""
+    on the CPU, attempt by attempt for the samples still without a box (most fit at the first):
+    ~1.5x less CPU time than whole ``[n, attempts]`` torch ops (359 vs 524 us for 256 samples
+    here), which loaders pay per batch while holding the GIL. A generator on another device
+    draws there and the box comes back on it."""
     H = np.asarray(torch.as_tensor(heights, dtype=torch.int64).cpu(), dtype=np.int64).reshape(-1)
     W = np.asarray(torch.as_tensor(widths, dtype=torch.int64).cpu(), dtype=np.int64).reshape(-1)
     if H.shape != W.shape:
@@ -50,7 +51,6 @@ def rrc_boxes(heights: torch.Tensor, widths: torch.Tensor, *, scale: Sequence[fl
     lr = (math.log(ratio[0]), math.log(ratio[1]))
     area = (H * W).astype(np.float64)
     hh, ww = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    found = np.zeros(n, bool)
     todo = np.arange(n)
     for a in range(attempts):  # attempt a for the samples still without a box (most fit at the first)
         if todo.size == 0:
@@ -61,13 +61,13 @@ def rrc_boxes(heights: torch.Tensor, widths: torch.Tensor, *, scale: Sequence[fl
         h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
         ok = (w > 0) & (h > 0) & (w <= W[todo]) & (h <= H[todo])
         hit = todo[ok]
-        hh[hit], ww[hit], found[hit] = h[ok], w[ok], True
+        hh[hit], ww[hit] = h[ok], w[ok]
         todo = todo[~ok]
-    if todo.size:
-        fh, fw = _fallback(H[todo], W[todo], ratio)
-        hh[todo], ww[todo] = fh, fw
-    top = np.where(found, np.floor(u[:, 0] * (H - hh + 1)).astype(np.int64), (H - hh) // 2)
-    left = np.where(found, np.floor(u[:, 1] * (W - ww + 1)).astype(np.int64), (W - ww) // 2)
+    if todo.size:  # no attempt fitted: torchvision's central crop
+        hh[todo], ww[todo] = _fallback(H[todo], W[todo], ratio)
+    top = np.floor(u[:, 0] * (H - hh + 1)).astype(np.int64)
+    left = np.floor(u[:, 1] * (W - ww + 1)).astype(np.int64)
+    top[todo], left[todo] = (H[todo] - hh[todo]) // 2, (W[todo] - ww[todo]) // 2
     return torch.from_numpy(np.stack([top, left, hh, ww], axis=1)).to(dev)
 
 
